@@ -1,0 +1,126 @@
+"""Checkpoints: model.safetensors + config.json + tokenizer.json + train_state.pt, written atomically.
+
+A run directory holds checkpoints/step_NNNNNNN/; a checkpoint directory describes itself, so `sample`
+(and later `serve`) take either a run directory (its newest checkpoint) or one checkpoint directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import Config, ConfigError
+from ..data.tokenizer import TextTokenizer
+from ..model.transformer import Transformer
+
+CKPT_DIR = "checkpoints"
+WEIGHTS, CONFIG, TOKENIZER, TRAIN_STATE = "model.safetensors", "config.json", "tokenizer.json", "train_state.pt"
+
+
+class CheckpointError(ValueError):
+    """A missing, truncated or corrupted checkpoint; the message names the file."""
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit():
+            found.append((int(p.name[5:]), p))
+    return sorted(found)
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory itself, or the newest checkpoint of a run directory."""
+    path = Path(path)
+    if (path / WEIGHTS).is_file():
+        return path
+    ckpts = list_checkpoints(path)
+    if ckpts:
+        return ckpts[-1][1]
+    if not path.exists():
+        raise CheckpointError(f"'{path}' does not exist; pass a run directory made by `varlen train`")
+    raise CheckpointError(f"'{path}' holds no checkpoint ({WEIGHTS} or {CKPT_DIR}/step_*); "
+                          f"train with `varlen train --out {path}` first")
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, cfg: Config, tokenizer_json: str,
+                    train_state: dict, keep_last: int) -> Path:
+    """Write into a temp dir, then rename: a kill mid-write leaves the previous checkpoints intact."""
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
+    (tmp / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    (tmp / TOKENIZER).write_text(tokenizer_json)
+    torch.save(train_state, tmp / TRAIN_STATE)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _unreadable(file: Path, err: Exception, ckpt: Path) -> CheckpointError:
+    others = [p for _, p in list_checkpoints(ckpt.parent.parent) if p != ckpt]
+    hint = f"; the previous checkpoint {others[-1]} is intact: delete {ckpt} to resume from it" if others else ""
+    return CheckpointError(f"checkpoint file {file} is truncated or corrupted ({type(err).__name__}: "
+                           f"{str(err)[:120]}){hint}")
+
+
+def load_config(ckpt: Path) -> Config:
+    try:
+        return Config.from_dict(json.loads((ckpt / CONFIG).read_text()), str(ckpt / CONFIG))
+    except (OSError, json.JSONDecodeError, ConfigError) as e:
+        raise _unreadable(ckpt / CONFIG, e, ckpt) from None
+
+
+def load_tokenizer(ckpt: Path) -> TextTokenizer:
+    try:
+        return TextTokenizer.load(ckpt / TOKENIZER)
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise _unreadable(ckpt / TOKENIZER, e, ckpt) from None
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    file = ckpt / WEIGHTS
+    try:
+        state = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error type for a damaged header or body
+        raise _unreadable(file, e, ckpt) from None
+    missing = set(model.state_dict()) - set(state)
+    extra = set(state) - set(model.state_dict())
+    if missing or extra:
+        raise CheckpointError(f"{file} does not match the model in {ckpt / CONFIG}: "
+                              f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+    model.load_state_dict(state)
+
+
+def load_train_state(ckpt: Path) -> dict:
+    file = ckpt / TRAIN_STATE
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _unreadable(file, e, ckpt) from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Config, TextTokenizer]:
+    """Model (eval mode), its config and tokenizer from a run or checkpoint directory."""
+    ckpt = resolve(path)
+    cfg = load_config(ckpt)
+    model = Transformer(cfg.model)
+    load_weights(model, ckpt)
+    return model.to(device).eval(), cfg, load_tokenizer(ckpt)

@@ -1,0 +1,246 @@
+"""Run configuration: plain dataclasses, loaded from YAML presets/files plus `--section.field VALUE` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad option: the message names the option and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096       # BPE vocabulary trained on the corpus; also the embedding size
+    dim: int = 256               # residual width
+    n_layer: int = 4
+    n_head: int = 4              # query heads; head_dim = dim // n_head
+    n_kv_head: int = 2           # grouped-query attention: n_head must be a multiple of it
+    ffn_hidden: int = 0          # SwiGLU hidden width; 0 = Llama's rule (8/3 * dim, rounded up to 64)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # small models spend a large share of parameters on the embedding
+    max_seq_len: int = 512       # longest sequence the model sees; longer documents are cut into pieces
+    attention: str = "auto"      # auto | sdpa_docs | flex | flash | reference
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return ((8 * self.dim // 3) + 63) // 64 * 64
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "stdlib"       # stdlib | DIR | FILE.jsonl | FILE.parquet
+    glob: str = "**/*.txt"       # files read from a corpus directory
+    field: str = "text"          # JSONL field / Parquet column holding the document text
+    skip_bad: bool = False       # skip (and count) JSONL lines that are not JSON or lack the field
+    tokens_per_step: int = 4096  # input tokens per optimizer step (split over grad_accum micro-steps)
+    val_fraction: float = 0.02   # share of documents held out for validation, chosen by seed
+    cache_dir: str = ""          # tokenizer + token store cache; "" = $VARLEN_CACHE or ~/.cache/varlen
+    max_docs: int = 0            # read only the first N documents (0 = all); handy for quick runs
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    lr: float = 3e-3
+    min_lr: float = 3e-4         # cosine decays to this
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0       # 0 disables clipping
+    grad_accum: int = 1          # micro-steps per optimizer step
+    eval_every: int = 100        # 0 disables periodic validation
+    eval_tokens: int = 32768     # validation tokens per evaluation (the same documents every time)
+    ckpt_every: int = 200        # 0 = only at the end
+    keep_last: int = 2           # checkpoints kept on disk
+    log_every: int = 1
+    seed: int = 1337
+    device: str = "auto"         # auto | cpu | cuda
+    dtype: str = "auto"          # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False
+    threads: int = 0             # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "Config":
+        cfg = cls()
+        apply_dict(cfg, d, source)
+        return cfg
+
+
+SECTIONS = ("model", "data", "train")
+
+
+def _coerce(value: Any, typ: type, name: str) -> Any:
+    """Turn a YAML or command-line value into the field's type, or say which option is wrong."""
+    if isinstance(value, str) and typ is not str:
+        text = value.strip()
+        if typ is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"option {name} expects true/false, got {value!r}")
+        try:
+            return typ(float(text)) if typ is int and "e" in text.lower() else typ(text)
+        except (ValueError, OverflowError):
+            raise ConfigError(f"option {name} expects {typ.__name__}, got {value!r}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if typ is bool and not isinstance(value, bool):
+        raise ConfigError(f"option {name} expects true/false, got {value!r}")
+    if not isinstance(value, typ):
+        raise ConfigError(f"option {name} expects {typ.__name__}, got {value!r}")
+    return value
+
+
+def _field_types(obj: Any) -> dict[str, type]:
+    types = {"int": int, "float": float, "str": str, "bool": bool}
+    return {f.name: types[f.type] if isinstance(f.type, str) else f.type for f in fields(obj)}
+
+
+def set_option(cfg: Config, key: str, value: Any) -> None:
+    """Set `section.field` from a string or YAML value."""
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or not name:
+        raise ConfigError(f"unknown option --{key}: options look like --model.dim, --data.corpus, --train.lr")
+    sub = getattr(cfg, section)
+    types = _field_types(sub)
+    if name not in types:
+        known = ", ".join(sorted(types))
+        raise ConfigError(f"unknown config field {section}.{name}; {section} has: {known}")
+    setattr(sub, name, _coerce(value, types[name], f"{section}.{name}"))
+
+
+def apply_dict(cfg: Config, d: dict, source: str) -> None:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (model, data, train)")
+    for section, values in d.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown config section {section!r}; use one of {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        for name, value in values.items():
+            try:
+                set_option(cfg, f"{section}.{name}", value)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass an existing YAML file to --config")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}; fix the file") from None
+
+
+def load_config(preset: str | None = None, config_file: str | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- preset <- config file <- overrides, then validated."""
+    cfg = Config()
+    if preset:
+        path = CONFIGS_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(preset_names())}")
+        apply_dict(cfg, load_yaml(path), f"preset {preset}")
+    if config_file:
+        apply_dict(cfg, load_yaml(config_file), str(config_file))
+    for key, value in (overrides or {}).items():
+        set_option(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """The first broken rule, as a ConfigError naming the option and the fix."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    for sec in SECTIONS:
+        for f in fields(getattr(cfg, sec)):
+            value = getattr(getattr(cfg, sec), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"option {sec}.{f.name} is {value}; it must be a finite number")
+    checks = [
+        (lambda: m.dim > 0, f"model.dim is {m.dim}; it must be positive"),
+        (lambda: m.n_head > 0 and m.dim % m.n_head == 0,
+         f"model.n_head ({m.n_head}) must divide model.dim ({m.dim}); e.g. --model.n_head {_divisor(m.dim)}"),
+        (lambda: m.n_kv_head > 0 and m.n_head % m.n_kv_head == 0,
+         f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head})"),
+        (lambda: m.head_dim % 2 == 0, f"head_dim = dim / n_head = {m.dim // max(m.n_head, 1)} must be even for RoPE"),
+        (lambda: m.max_seq_len >= 2, f"model.max_seq_len is {m.max_seq_len}; it must be at least 2"),
+        (lambda: m.vocab_size >= 260, f"model.vocab_size is {m.vocab_size}; a byte-level BPE needs at least 260"),
+        (lambda: m.n_layer >= 1, f"model.n_layer is {m.n_layer}; it must be at least 1"),
+        (lambda: t.threads >= 0, f"train.threads is {t.threads}; use 0 (torch's default) or a positive count"),
+        (lambda: d.max_docs >= 0, f"data.max_docs is {d.max_docs}; use 0 (all) or a positive count"),
+        (lambda: m.attention in ("auto", "sdpa_docs", "flex", "flash", "reference"),
+         f"model.attention {m.attention!r} unknown; use auto, sdpa_docs, flex, flash or reference"),
+        (lambda: t.lr > 0, f"train.lr is {t.lr}; the learning rate must be positive"),
+        (lambda: 0 <= t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must be between 0 and train.lr ({t.lr})"),
+        (lambda: t.max_steps >= 1, f"train.max_steps is {t.max_steps}; it must be at least 1"),
+        (lambda: t.grad_accum >= 1, f"train.grad_accum is {t.grad_accum}; it must be at least 1"),
+        (lambda: t.warmup_steps >= 0 and t.weight_decay >= 0 and t.grad_clip >= 0,
+         "train.warmup_steps, train.weight_decay and train.grad_clip must not be negative"),
+        (lambda: t.keep_last >= 1, f"train.keep_last is {t.keep_last}; keep at least 1 checkpoint"),
+        (lambda: t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
+         f"train.device {t.device!r} unknown; use auto, cpu or cuda"),
+        (lambda: t.dtype in ("auto", "float32", "bfloat16"), f"train.dtype {t.dtype!r} unknown; use auto, float32 or bfloat16"),
+        (lambda: 0 <= d.val_fraction < 1, f"data.val_fraction is {d.val_fraction}; use a value in [0, 1)"),
+        (lambda: d.tokens_per_step // t.grad_accum >= m.max_seq_len,
+         f"data.tokens_per_step / train.grad_accum = {d.tokens_per_step // max(t.grad_accum, 1)} is smaller than "
+         f"model.max_seq_len ({m.max_seq_len}); raise --data.tokens_per_step or lower --model.max_seq_len"),
+    ]
+    for ok, msg in checks:
+        if not ok():
+            raise ConfigError(msg)
+
+
+def _divisor(dim: int) -> int:
+    for h in (8, 4, 2, 1):
+        if dim % h == 0:
+            return h
+    return 1
+
+
+def save_json(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def load_json(path: str | Path) -> Config:
+    return Config.from_dict(json.loads(Path(path).read_text()), str(path))

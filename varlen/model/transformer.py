@@ -1,0 +1,140 @@
+"""Llama-style decoder over one packed 1-D token stream (RMSNorm, RoPE, SwiGLU, grouped-query attention).
+
+Weights and RoPE follow Hugging Face's LlamaForCausalLM conventions (rotate-half RoPE, no biases), so
+checkpoints map across by name alone.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..batch import Batch
+from ..config import ModelConfig
+from .attention import choose_backend, get_attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as HF does, so bf16 runs and parity tests agree.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T,) positions -> cos, sin of shape (T, head_dim), float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, H, D): rotate pairs (i, i + D/2), the rotate-half layout of HF Llama."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, attend) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.n_head, self.head_dim)     # (T, H, D)
+        k = self.k_proj(x).view(T, self.n_kv_head, self.head_dim)  # (T, Hkv, D)
+        v = self.v_proj(x).view(T, self.n_kv_head, self.head_dim)  # (T, Hkv, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attend(q, k, v, batch)                               # (T, H, D)
+        return self.o_proj(out.reshape(T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, attend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, attend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.attention_backend = cfg.attention
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = 0.02
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                # GPT-2's scaling: residual branches sum over 2 * n_layer contributions.
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, std=std)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if non_embedding else n
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """ids (T,) -> final normalised hidden states (T, dim)."""
+        attend = get_attention(choose_backend(self.attention_backend, ids.device))
+        cos, sin = rope_cos_sin(batch.positions, self.cfg.head_dim, self.cfg.rope_theta)
+        x = self.embed_tokens(ids)  # (T, dim)
+        for layer in self.layers:
+            x = layer(x, cos, sin, batch, attend)
+        return self.norm(x)
+
+    def forward(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """ids (T,) packed tokens described by `batch` -> logits (T, vocab)."""
+        return F.linear(self.hidden_states(ids, batch), self.output_weight())
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: float) -> float:
+    """Forward+backward FLOPs per token: 6 x matmul parameters plus causal attention at length seq_len."""
+    d, f, hd = cfg.dim, cfg.ffn_dim, cfg.head_dim
+    per_layer = d * cfg.n_head * hd * 2 + d * cfg.n_kv_head * hd * 2 + 3 * d * f
+    matmul_params = cfg.n_layer * per_layer + d * cfg.vocab_size
+    # QK^T and AV, each 2*H*hd FLOPs per key; a causal token sees (L+1)/2 keys on average.
+    attn = cfg.n_layer * 2 * 2 * cfg.n_head * hd * (seq_len + 1) / 2
+    return 6 * matmul_params + 3 * attn

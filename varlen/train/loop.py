@@ -1,0 +1,235 @@
+"""Packed training: setup (data, model, optimizer, resume) -> main (the step loop) -> fit (one step).
+
+The loss of an optimizer step is the sum of cross-entropies over every target token of all its
+micro-batches divided by their total count, so it equals the token mean over the same documents run
+one by one, whatever the packing or the gradient accumulation.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..checkpoint import io
+from ..config import Config, ConfigError, save_json
+from ..data.corpus import Corpus
+from ..data.loader import MicroBatch, PackedLoader, validation_micros
+from ..data.tokenizer import TextTokenizer
+from ..data.tokens import TokenStore, prepare, split_documents
+from ..model.attention import choose_backend
+from ..model.transformer import Transformer
+from .optim import make_optimizer
+from .schedule import lr_at
+
+METRICS = "metrics.jsonl"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but no CUDA device is visible; use --train.device cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, dtype: str):
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def loss_sum(model: torch.nn.Module, micro: MicroBatch, amp) -> torch.Tensor:
+    """Summed (not averaged) cross-entropy of one micro-batch, so steps can divide by their own count."""
+    with amp:
+        logits = model(micro.ids, micro.batch)
+    return F.cross_entropy(logits.float(), micro.targets, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, micros: list[MicroBatch], device: torch.device, amp) -> float:
+    """Mean loss per target token; attention stays within each document, as in training."""
+    model.eval()
+    total, count = 0.0, 0
+    for m in micros:
+        total += loss_sum(model, m.to(device), amp).item()
+        count += m.num_targets
+    model.train()
+    return total / max(count, 1)
+
+
+def unigram_entropy(store: TokenStore, doc_ids: np.ndarray) -> float:
+    """Entropy (nats) of the target-token frequencies: the loss of the best context-free model."""
+    counts = np.zeros(int(store.tokens.max()) + 1, dtype=np.int64)
+    for i in doc_ids:
+        counts += np.bincount(store.doc(int(i))[1:], minlength=len(counts))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+@dataclass
+class Run:
+    """Everything a training run carries from setup into the loop."""
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    model: Transformer
+    step_model: torch.nn.Module   # the compiled wrapper when train.compile, else the model itself
+    optimizer: torch.optim.Optimizer
+    loader: PackedLoader
+    val: list[MicroBatch]
+    tokenizer: TextTokenizer
+    start_step: int
+    info: dict
+
+
+def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print) -> Run:
+    run_dir = Path(run_dir)
+    device = pick_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    ckpt = io.resolve(run_dir) if resume else None
+    if ckpt is None and io.list_checkpoints(run_dir):
+        raise ConfigError(f"run dir '{run_dir}' already has checkpoints; pass --resume {run_dir} to continue "
+                         f"it or --out a new directory")
+    corpus = Corpus(cfg.data.corpus, cfg.data.glob, cfg.data.field, cfg.data.skip_bad, cfg.data.max_docs)
+    tokenizer = io.load_tokenizer(ckpt) if ckpt else None
+    tokenizer, store = prepare(corpus, cfg.model.vocab_size, cfg.data.cache_dir or None, log=log,
+                               tokenizer=tokenizer)
+    cfg.model.vocab_size = tokenizer.vocab_size  # a small corpus can give fewer merges than asked for
+    train_ids, val_ids = split_documents(store.num_docs, cfg.data.val_fraction)
+    capacity = cfg.data.tokens_per_step // cfg.train.grad_accum
+    loader = PackedLoader(store, train_ids, capacity, cfg.model.max_seq_len, cfg.train.seed, cfg.train.grad_accum)
+    val = validation_micros(store, val_ids, capacity, cfg.model.max_seq_len, cfg.train.eval_tokens)
+
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model).to(device)
+    optimizer = make_optimizer(model, cfg.train)
+    start_step = 0
+    if ckpt is not None:
+        io.load_weights(model, ckpt)
+        state = io.load_train_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        start_step = int(state["step"])
+        _truncate_metrics(run_dir / METRICS, start_step)
+        log(f"resuming {run_dir} from {ckpt.name} (step {start_step})")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / METRICS).unlink(missing_ok=True)
+    save_json(cfg, run_dir / "config.json")
+    tokenizer.save(run_dir / "tokenizer.json")
+
+    entropy = unigram_entropy(store, train_ids)
+    info = {
+        "documents": store.num_docs, "train_documents": len(train_ids), "val_documents": len(val_ids),
+        "tokens": store.num_tokens, "unigram_entropy": entropy, "fill_ratio": loader.fill_ratio(),
+        "parameters": model.num_params(), "attention": choose_backend(cfg.model.attention, device),
+        "device": str(device), "val_tokens": sum(m.num_targets for m in val),
+    }
+    (run_dir / "data.json").write_text(json.dumps(info, indent=2) + "\n")
+    log(f"{info['documents']:,} documents ({info['val_documents']} held out), {info['tokens']:,} tokens, "
+        f"unigram entropy {entropy:.3f} nats/token; packed rows {100 * info['fill_ratio']:.2f}% full; "
+        f"model {info['parameters'] / 1e6:.2f}M parameters, attention {info['attention']} on {device}")
+    step_model = torch.compile(model, dynamic=True) if cfg.train.compile else model
+    return Run(cfg, run_dir, device, model, step_model, optimizer, loader, val, tokenizer, start_step, info)
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop lines a killed run logged after its last checkpoint; the resumed run logs them again."""
+    if not path.exists():
+        return
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln)["step"] <= last_step:
+                keep.append(ln)
+        except (json.JSONDecodeError, KeyError):  # a line cut short by the kill
+            continue
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def fit(run: Run, micros: list[MicroBatch], lr: float, amp) -> tuple[float, float]:
+    """One optimizer step over its micro-batches. Returns (loss, grad norm before clipping)."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    n_targets = sum(m.num_targets for m in micros)
+    loss_total = 0.0
+    for m in micros:
+        loss = loss_sum(run.step_model, m.to(run.device), amp) / n_targets
+        loss.backward()
+        loss_total += loss.item()
+    clip = run.cfg.train.grad_clip if run.cfg.train.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip).item()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_total, grad_norm
+
+
+def main(run: Run, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    cfg, t = run.cfg, run.cfg.train
+    amp = autocast_for(run.device, t.dtype)
+    last: dict = {}
+    bar = tqdm(total=t.max_steps, initial=run.start_step, disable=not progress, unit="step", dynamic_ncols=True)
+    with open(run.run_dir / METRICS, "a") as metrics:
+        for step in range(run.start_step + 1, t.max_steps + 1):
+            t0 = time.perf_counter()
+            micros = run.loader.next_step()
+            loss, grad_norm = fit(run, micros, lr_at(step, t), amp)
+            dt = time.perf_counter() - t0
+            n_tokens = sum(m.num_targets for m in micros)
+            last = {"step": step, "loss": loss, "lr": lr_at(step, t), "tokens_per_s": n_tokens / dt,
+                    "tokens": n_tokens, "grad_norm": grad_norm, "epoch": run.loader.epoch}
+            if run.val and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
+                last["val_loss"] = evaluate(run.step_model, run.val, run.device, amp)
+            if step % t.log_every == 0 or "val_loss" in last or step == t.max_steps:
+                metrics.write(json.dumps(last) + "\n")
+                metrics.flush()
+            if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
+                save(run, step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{n_tokens / dt:,.0f}",
+                            **({"val": f"{last['val_loss']:.3f}"} if "val_loss" in last else {}))
+    bar.close()
+    return last
+
+
+def save(run: Run, step: int) -> Path:
+    rng = {"torch": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state()
+    state = {"step": step, "optimizer": run.optimizer.state_dict(), "loader": run.loader.state_dict(), "rng": rng}
+    return io.save_checkpoint(run.run_dir, step, run.model, run.cfg, run.tokenizer.to_json(), state,
+                              run.cfg.train.keep_last)
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print,
+          progress: bool = True, plot: bool = True) -> dict:
+    """Train (or resume) and return the last step's metrics; writes loss.png at the end."""
+    run = setup(cfg, run_dir, resume, log)
+    if run.start_step >= cfg.train.max_steps:
+        log(f"run already at step {run.start_step} >= train.max_steps {cfg.train.max_steps}; raise "
+            f"--train.max_steps to train further")
+        return {}
+    last = main(run, log, progress)
+    if plot:
+        from ..plots import plot_loss
+        log(f"loss plot: {plot_loss(run.run_dir)}")
+    _cleanup_tmp(run.run_dir)
+    return last
+
+
+def _cleanup_tmp(run_dir: Path) -> None:
+    for p in (run_dir / io.CKPT_DIR).glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
