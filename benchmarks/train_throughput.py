@@ -3,13 +3,13 @@
 One run, on the stdlib corpus (4096-token BPE), one model config, the same sampled pieces (documents cut
 to max_seq_len) and the same useful tokens per optimizer step for every method:
 
-  varlen        varlen Transformer on packed rows (pack_epoch), default CPU attention (sdpa_docs)
-  hf_padded     LlamaForCausalLM (sdpa), B pieces per batch in sampled (random) order, right-padded
-  hf_grouped    the same, batches grouped by length as Trainer's group_by_length does
-  hf_packed     LlamaForCausalLM (sdpa), padding-free: rows (1, T) with position_ids restarting per piece
+  varlen      varlen Transformer on packed rows (pack_epoch), default CPU attention (sdpa_docs)
+  hf_padded   (i)   LlamaForCausalLM (sdpa), B pieces per batch in sampled (random) order, right-padded
+  hf_grouped  (ii)  the same, batches grouped by length as Trainer's group_by_length does
+  hf_packed   (iii) LlamaForCausalLM (sdpa), padding-free rows (1, T) with position_ids restarting per piece
 
-Every (method, seq_len) runs in a fresh process so its peak RSS is its own. Timing covers forward,
-backward, grad clipping and the AdamW step; batches are built before the clock starts.
+Every (method, seq_len) runs in a fresh process, so its peak RSS is its own. Timing covers forward,
+backward, grad clipping and the AdamW step; inputs are built before the clock starts.
 
     VARLEN_CACHE=/tmp/vcache .venv/bin/python benchmarks/train_throughput.py
 """
@@ -24,6 +24,7 @@ import os
 import platform
 import resource
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from varlen.train.loop import loss_sum
 from varlen.train.optim import make_optimizer
 
 METHODS = ("varlen", "hf_padded", "hf_grouped", "hf_packed")
+PADDED = ("hf_padded", "hf_grouped")
 LABELS = {
     "varlen": "varlen packed (sdpa_docs)",
     "hf_padded": "HF padded, random order (i)",
@@ -51,22 +53,22 @@ LABELS = {
 }
 IGNORE = -100
 
-Step = list[list[Piece]]  # one optimizer step: micro-batches, each a list of pieces
+Step = list[list[Piece]]  # one optimizer step: its micro-batches, each a list of pieces
 
 
 # ----------------------------------------------------------------------------------------------- workload
 
 @dataclass
 class Workload:
-    """Everything one seq_len's runs share: the model config, the capacity and each method's steps."""
+    """What every method's run at one seq_len shares: model config, pieces and each method's steps."""
     seq_len: int
     batch: int                  # B pieces per padded batch
-    capacity: int               # varlen row capacity (tokens per optimizer step)
+    capacity: int               # varlen row capacity = useful tokens per optimizer step
     row_capacity: int           # tokens per HF padding-free row
     cfg: ModelConfig
     steps: dict[str, list[Step]]
     warmup: dict[str, list[Step]]
-    check_row: list[Piece]      # several short pieces, to test HF's packed path before timing it
+    check_row: list[Piece]      # short random pieces: test HF's packed path and the weight copy
 
 
 def sample_pieces(store: TokenStore, seq_len: int, n: int, seed: int) -> list[Piece]:
@@ -78,13 +80,30 @@ def sample_pieces(store: TokenStore, seq_len: int, n: int, seed: int) -> list[Pi
     return [pieces[i] for i in order]
 
 
-def padded_batches(pieces: list[Piece], batch: int) -> list[Step]:
-    """(i): consecutive pieces in sampled order, B per batch, as a shuffled DataLoader would give them."""
-    return [[pieces[i:i + batch]] for i in range(0, len(pieces), batch)]
+def padded_len(step: Step) -> int:
+    """A padded batch is padded to its longest piece, whichever micro-batch holds it."""
+    return max(p.length for mb in step for p in mb)
 
 
-def grouped_batches(pieces: list[Piece], batch: int, seed: int) -> list[Step]:
-    """(ii): Trainer's LengthGroupedSampler sorts megabatches of 50*B by length, longest first.
+def split_rows(batch: list[Piece], max_micro_tokens: int) -> Step:
+    """Rows of one padded batch in chunks of at most max_micro_tokens padded tokens.
+
+    Only to bound memory (torch's sdpa keeps a float copy of HF's (B, 1, L, L) mask per layer for
+    backward: > 24 GB at B=16, L=8192). Every chunk is still padded to the whole batch's longest
+    piece, so the work equals the unsplit batch's; rows are independent and the loss is normalised
+    by the step's target count, so the gradient is the same too.
+    """
+    per_micro = max(1, max_micro_tokens // padded_len([batch]))
+    return [batch[i:i + per_micro] for i in range(0, len(batch), per_micro)]
+
+
+def padded_batches(pieces: list[Piece], batch: int, max_micro_tokens: int) -> list[Step]:
+    """(i): consecutive pieces in sampled order, B per batch, as a shuffled DataLoader gives them."""
+    return [split_rows(pieces[i:i + batch], max_micro_tokens) for i in range(0, len(pieces), batch)]
+
+
+def grouped_batches(pieces: list[Piece], batch: int, max_micro_tokens: int, seed: int) -> list[Step]:
+    """(ii): Trainer's LengthGroupedSampler sorts megabatches of 50*B pieces by length, longest first.
 
     A pool of fewer than 50*B pieces is one megabatch, so it is sorted whole; the batch order is
     then shuffled so a step's length does not depend on its index.
@@ -93,7 +112,7 @@ def grouped_batches(pieces: list[Piece], batch: int, seed: int) -> list[Step]:
     ordered: list[Piece] = []
     for i in range(0, len(pieces), megabatch):
         ordered += sorted(pieces[i:i + megabatch], key=lambda p: -p.length)  # stable: ties keep sample order
-    batches = padded_batches(ordered, batch)
+    batches = padded_batches(ordered, batch, max_micro_tokens)
     return [batches[i] for i in np.random.default_rng(seed).permutation(len(batches))]
 
 
@@ -110,42 +129,48 @@ def fitting_capacity(pieces: list[Piece], n_rows: int, seq_len: int) -> int:
 
 
 def packed_subrows(row: list[Piece], row_capacity: int) -> Step:
-    """(iii): one varlen step split into padding-free rows of at most row_capacity tokens (grad accumulation)."""
+    """(iii): one varlen step re-packed into padding-free rows of at most row_capacity tokens.
+
+    HF's sdpa path builds a dense (T, T) mask per row, so one row per step (T = tens of thousands of
+    tokens at 8192) is out of reach on CPU; rows of max_seq_len are what TRL's padding_free uses.
+    """
     lengths = [p.length for p in row]
     return [[row[i] for i in b] for b in best_fit_decreasing(lengths, row_capacity)]
 
 
-def build_workload(store: TokenStore, cfg: ModelConfig, seq_len: int, batch: int, n_steps: int,
-                   warmup_pieces: int, packed_row_capacity: int, seed: int) -> Workload:
-    pieces = sample_pieces(store, seq_len, n_steps * batch + warmup_pieces, seed)
-    timed, warm = pieces[:n_steps * batch], pieces[n_steps * batch:]
-    capacity = fitting_capacity(timed, n_steps, seq_len)
-    rows = pack_epoch(timed, capacity, seed)
-    warm_rows = pack_epoch(warm, capacity, seed)
-    row_cap = packed_row_capacity or seq_len
-    steps = {
+def check_row(store: TokenStore, seq_len: int, capacity: int, seed: int, n: int = 8) -> list[Piece]:
+    """n random short pieces (each at most capacity / n tokens) for one row: many document boundaries."""
+    pieces = cut_pieces(range(store.num_docs), store.lengths, seq_len)
+    row: list[Piece] = []
+    for i in np.random.default_rng(seed + 1).permutation(len(pieces)):
+        if pieces[i].length <= capacity // n:
+            row.append(pieces[i])
+        if len(row) == n:
+            break
+    return row
+
+
+def method_steps(pieces: list[Piece], capacity: int, row_cap: int, batch: int, max_micro_tokens: int,
+                 seed: int) -> dict[str, list[Step]]:
+    rows = pack_epoch(pieces, capacity, seed)
+    return {
         "varlen": [[r] for r in rows],
-        "hf_padded": padded_batches(timed, batch),
-        "hf_grouped": grouped_batches(timed, batch, seed),
+        "hf_padded": padded_batches(pieces, batch, max_micro_tokens),
+        "hf_grouped": grouped_batches(pieces, batch, max_micro_tokens, seed),
         "hf_packed": [packed_subrows(r, row_cap) for r in rows],
     }
-    warmup = {
-        "varlen": [[r] for r in warm_rows],
-        "hf_padded": padded_batches(warm, batch),
-        "hf_grouped": grouped_batches(warm, batch, seed),
-        "hf_packed": [packed_subrows(r, row_cap) for r in warm_rows],
-    }
-    return Workload(seq_len, batch, capacity, row_cap, cfg, steps, warmup, shortest_row(timed, row_cap))
 
 
-def shortest_row(pieces: list[Piece], capacity: int, max_pieces: int = 8) -> list[Piece]:
-    """The shortest pieces that fit one row together: many document boundaries in few tokens."""
-    row: list[Piece] = []
-    for p in sorted(pieces, key=lambda p: p.length):
-        if len(row) == max_pieces or sum(q.length for q in row) + p.length > capacity:
-            break
-        row.append(p)
-    return row
+def build_workload(store: TokenStore, cfg: ModelConfig, args: argparse.Namespace, n_steps: int) -> Workload:
+    seq_len, batch = cfg.max_seq_len, args.batch
+    pieces = sample_pieces(store, seq_len, n_steps * batch + args.warmup_pieces, args.seed)
+    timed, warm = pieces[:n_steps * batch], pieces[n_steps * batch:]
+    capacity = fitting_capacity(timed, n_steps, seq_len)
+    row_cap = args.packed_row_capacity or seq_len
+    steps = method_steps(timed, capacity, row_cap, batch, args.max_micro_tokens, args.seed)
+    warmup = method_steps(warm, capacity, row_cap, batch, args.max_micro_tokens, args.seed)
+    check = check_row(store, seq_len, row_cap, args.seed)
+    return Workload(seq_len, batch, capacity, row_cap, cfg, steps, warmup, check)
 
 
 # ------------------------------------------------------------------------------------------------- FLOPs
@@ -155,22 +180,28 @@ def useful_flops(cfg: ModelConfig, lengths: list[int]) -> float:
     return sum(n * flops_per_token(cfg, n) for n in lengths)
 
 
-def step_flops(cfg: ModelConfig, method: str, step: Step) -> float:
-    """FLOPs the method's batch shape asks for, counting attention as causal (the ideal kernel).
+def computed_tokens(method: str, step: Step) -> int:
+    if method in PADDED:
+        return sum(len(mb) for mb in step) * padded_len(step)
+    return sum(p.length for mb in step for p in mb)
 
-    Padded batches compute B x L tokens at length L; packed rows compute only their pieces.
+
+def computed_flops(cfg: ModelConfig, method: str, step: Step) -> float:
+    """FLOPs the batch shape asks for, attention counted causal (what an ideal kernel would do).
+
+    Padded: B rows of L tokens at length L. Packed: the pieces alone.
     """
-    if method in ("hf_padded", "hf_grouped"):
-        return sum(len(mb) * L * flops_per_token(cfg, L) for mb in step for L in [max(p.length for p in mb)])
+    if method in PADDED:
+        L = padded_len(step)
+        return computed_tokens(method, step) * flops_per_token(cfg, L)
     return useful_flops(cfg, [p.length for mb in step for p in mb])
 
 
 def shape_stats(cfg: ModelConfig, method: str, steps: list[Step]) -> dict:
     lengths = [p.length for s in steps for mb in s for p in mb]
-    computed = sum(len(mb) * max(p.length for p in mb) for s in steps for mb in s) \
-        if method in ("hf_padded", "hf_grouped") else sum(lengths)
+    computed = sum(computed_tokens(method, s) for s in steps)
     uf = useful_flops(cfg, lengths)
-    cf = sum(step_flops(cfg, method, s) for s in steps)
+    cf = sum(computed_flops(cfg, method, s) for s in steps)
     return {"steps": len(steps), "micro_batches": sum(len(s) for s in steps), "pieces": len(lengths),
             "useful_tokens": sum(lengths), "computed_tokens": computed, "useful_token_share": sum(lengths) / computed,
             "useful_flops": uf, "computed_flops": cf, "padding_flop_share": 1 - uf / cf}
@@ -179,7 +210,7 @@ def shape_stats(cfg: ModelConfig, method: str, steps: list[Step]) -> dict:
 # ------------------------------------------------------------------------------------------------ models
 
 def hf_llama_from(model: Transformer):
-    """LlamaForCausalLM (sdpa) of the same sizes, holding a copy of varlen's weights (names match HF's)."""
+    """LlamaForCausalLM (sdpa) of the same sizes holding a copy of varlen's weights (the names match HF's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     c = model.cfg
     hc = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
@@ -198,15 +229,14 @@ def hf_llama_from(model: Transformer):
 
 @dataclass
 class HFInputs:
-    kwargs: dict           # for LlamaForCausalLM.forward, loss via HF's own ForCausalLMLoss
+    kwargs: dict        # for LlamaForCausalLM.forward; the loss is HF's own ForCausalLMLoss
     n_targets: int
 
 
-def hf_padded_inputs(store: TokenStore, pieces: list[Piece]) -> HFInputs:
-    """Right-padded (B, L) batch; labels are already the next tokens, -100 on pads."""
-    L = max(p.length for p in pieces)
-    ids = torch.zeros(len(pieces), L, dtype=torch.long)
-    labels = torch.full((len(pieces), L), IGNORE, dtype=torch.long)
+def hf_padded_inputs(store: TokenStore, pieces: list[Piece], pad_to: int) -> HFInputs:
+    """Right-padded (rows, pad_to) batch; labels are already the next tokens (shift_labels), -100 on pads."""
+    ids = torch.zeros(len(pieces), pad_to, dtype=torch.long)
+    labels = torch.full((len(pieces), pad_to), IGNORE, dtype=torch.long)
     for i, p in enumerate(pieces):
         x, y, _ = materialize([p], store.doc)
         ids[i, :p.length], labels[i, :p.length] = torch.from_numpy(x), torch.from_numpy(y)
@@ -216,7 +246,7 @@ def hf_padded_inputs(store: TokenStore, pieces: list[Piece]) -> HFInputs:
 
 
 def hf_packed_inputs(store: TokenStore, pieces: list[Piece]) -> HFInputs:
-    """One (1, T) row, no attention_mask, position_ids restarting at 0 per piece (HF's padding-free path)."""
+    """One (1, T) row, no attention_mask, position_ids restarting at 0 per piece: HF's padding-free path."""
     x, y, seqlens = materialize(pieces, store.doc)
     labels = torch.from_numpy(y)[None]
     positions = Batch.from_seqlens(seqlens).positions[None]
@@ -226,24 +256,28 @@ def hf_packed_inputs(store: TokenStore, pieces: list[Piece]) -> HFInputs:
 
 # ------------------------------------------------------------------------------------------------ checks
 
-def max_diff_packed_vs_per_doc(hf, store: TokenStore, row: list[Piece]) -> dict:
-    """HF logits of a packed row against the same pieces run one by one; a naive row shows the check bites."""
+def check_packed_vs_per_doc(hf, store: TokenStore, row: list[Piece]) -> dict:
+    """HF logits of a packed row against the same pieces run one by one.
+
+    The same row without position_ids (one causal sequence) shows how large a cross-document leak looks.
+    """
     with torch.no_grad():
         packed = hf_packed_inputs(store, row).kwargs
         logits = hf(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
         per_doc = torch.cat([hf(input_ids=hf_packed_inputs(store, [p]).kwargs["input_ids"]).logits[0] for p in row])
-        naive = hf(input_ids=packed["input_ids"]).logits[0]  # positions 0..T-1, one causal sequence
-    return {"pieces": len(row), "tokens": int(logits.shape[0]),
-            "max_abs_diff": float((logits - per_doc).abs().max()),
-            "max_abs_diff_without_position_ids": float((naive - per_doc).abs().max())}
+        naive = hf(input_ids=packed["input_ids"]).logits[0]
+    diff = float((logits - per_doc).abs().max())
+    return {"pieces": len(row), "tokens": int(logits.shape[0]), "max_abs_diff": diff,
+            "max_abs_diff_without_position_ids": float((naive - per_doc).abs().max()),
+            "valid": len(row) > 1 and diff < 1e-3}
 
 
-def max_diff_varlen_vs_hf_padded(model: Transformer, hf, store: TokenStore, pieces: list[Piece]) -> float:
+def check_weights(model: Transformer, hf, store: TokenStore, pieces: list[Piece]) -> float:
     """The copied weights give the same logits: varlen packed vs HF padded, on real tokens only."""
     with torch.no_grad():
         micro = make_micro(store, pieces)
         ours = model(micro.ids, micro.batch)
-        inp = hf_padded_inputs(store, pieces).kwargs
+        inp = hf_padded_inputs(store, pieces, max(p.length for p in pieces)).kwargs
         theirs = hf(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"]).logits
         theirs = theirs[inp["attention_mask"].bool()]  # row-major = piece order = varlen's stream order
     return float((ours - theirs).abs().max())
@@ -252,12 +286,13 @@ def max_diff_varlen_vs_hf_padded(model: Transformer, hf, store: TokenStore, piec
 # ------------------------------------------------------------------------------------------------ worker
 
 def cpu_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot."""
     t = psutil.cpu_times()
     return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
 
 
 def run_method(method: str, work: Workload, threads: int, seed: int, cache_dir: str | None) -> dict:
-    """Runs in its own process: build model + inputs, warm up, time the steps, report."""
+    """One (method, seq_len): build model and inputs, warm up, time the steps, report."""
     torch.set_num_threads(threads)
     _, store = prepare(Corpus("stdlib"), work.cfg.vocab_size, cache_dir, log=lambda _: None)
     torch.manual_seed(seed)
@@ -277,18 +312,16 @@ def run_method(method: str, work: Workload, threads: int, seed: int, cache_dir: 
             return micro.num_targets
     else:
         net = hf_llama_from(model)
-        collate = hf_packed_inputs if method == "hf_packed" else hf_padded_inputs
-        if method == "hf_packed":
-            # Before timing: does sdpa honour the restarting position_ids, or attend across documents?
-            check = max_diff_packed_vs_per_doc(net, store, work.check_row)
-            check["valid"] = len(work.check_row) > 1 and check["max_abs_diff"] < 1e-3
-            result["packed_check"] = check
+        if method == "hf_packed":  # before timing: are documents kept apart?
+            result["packed_check"] = check_packed_vs_per_doc(net, store, work.check_row)
         if method == "hf_padded":
-            result["weights_check_max_abs_diff"] = max_diff_varlen_vs_hf_padded(model, net, store, work.check_row)
+            result["weights_check_max_abs_diff"] = check_weights(model, net, store, work.check_row)
         del model
 
         def build(step: Step) -> list:
-            return [collate(store, mb) for mb in step]
+            if method == "hf_packed":
+                return [hf_packed_inputs(store, mb) for mb in step]
+            return [hf_padded_inputs(store, mb, padded_len(step)) for mb in step]
 
         def loss_of(inp: HFInputs, n_targets: int) -> torch.Tensor:
             return net(**inp.kwargs, num_items_in_batch=n_targets, use_cache=False).loss
@@ -296,21 +329,21 @@ def run_method(method: str, work: Workload, threads: int, seed: int, cache_dir: 
         def targets_of(inp: HFInputs) -> int:
             return inp.n_targets
 
-    optimizer = make_optimizer(net, TrainConfig())
-    clip = TrainConfig().grad_clip
+    train_cfg = TrainConfig()
+    optimizer = make_optimizer(net, train_cfg)
 
     def train_step(micros: list) -> None:
         """As varlen.train.loop.fit: sum CE / step's targets over micro-batches, clip, AdamW step."""
         n_targets = sum(targets_of(m) for m in micros)
         for m in micros:
             loss_of(m, n_targets).backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), train_cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     timed = [build(s) for s in work.steps[method]]
     rss_base = psutil.Process().memory_info().rss
-    for step in work.warmup[method]:  # first calls, optimizer state allocation
+    for step in work.warmup[method]:  # first calls and AdamW state allocation, on other pieces
         train_step(build(step))
 
     load_before = os.getloadavg()[0]
@@ -322,27 +355,50 @@ def run_method(method: str, work: Workload, threads: int, seed: int, cache_dir: 
         times.append(time.perf_counter() - t0)
     busy, own = cpu_busy_seconds() - busy0, time.process_time() - own0
     wall = sum(times)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     result.update({
-        "step_seconds": times, "seconds": wall, "peak_rss_bytes": peak, "rss_before_training_bytes": rss_base,
-        "load_avg_1min_before": load_before,
-        # CPU seconds other processes used per wall second while we were timing (0 = machine was ours).
+        "step_seconds": times, "seconds": wall,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+        "rss_before_training_bytes": rss_base, "load_avg_1min_before": load_before,
+        # CPU seconds other processes used per wall second while we timed (0 = the machine was ours).
         "other_cpu_cores": max(0.0, (busy - own) / wall),
     })
     return result
 
 
+def _child(conn, mem_limit: int, *args) -> None:
+    # An address-space cap turns running out of memory into an exception here, instead of the kernel's
+    # OOM killer picking a victim among every process on the machine.
+    resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
+    try:
+        conn.send(run_method(*args))
+    except BaseException as e:  # reported as this run's result; the other runs go on
+        conn.send({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                   "traceback": traceback.format_exc()})
+    conn.close()
+
+
 def run_isolated(method: str, work: Workload, args: argparse.Namespace) -> dict:
-    """A fresh spawned process per run: peak RSS is that run's own and no allocator state carries over."""
+    """A fresh spawned process per run: its own peak RSS, no allocator state carried over."""
     ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(run_method, (method, work, args.threads, args.seed, args.cache_dir))
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, int(args.mem_limit_gib * 2 ** 30), method, work,
+                                            args.threads, args.seed, args.cache_dir))
+    proc.start()
+    send.close()
+    try:
+        result = recv.recv()
+    except EOFError:
+        result = {"error": "worker died without a result (killed?)"}
+    proc.join()
+    if proc.exitcode:
+        result.setdefault("error", f"worker exit code {proc.exitcode}")
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ machine
 
 def matmul_flops(threads: int, n: int = 2048, repeats: int = 10) -> float:
-    """Dense fp32 matmul FLOP/s with the benchmark's thread count: the machine's practical peak."""
+    """Dense fp32 matmul FLOP/s at the benchmark's thread count: the machine's practical peak."""
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
@@ -373,74 +429,81 @@ def machine_info(threads: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ report
 
-def summarize(work: Workload, runs: dict[str, dict]) -> dict:
+def summarize(work: Workload, runs: dict[str, dict], peak_flops: float) -> dict[str, dict]:
     rows = {}
     for method, r in runs.items():
-        stats = shape_stats(work.cfg, method, work.steps[method])
-        tok_s = stats["useful_tokens"] / r["seconds"]
-        rows[method] = {**stats, **r, "useful_tokens_per_s": tok_s,
-                        "useful_flops_per_s": stats["useful_flops"] / r["seconds"]}
-    base = rows["varlen"]["useful_tokens_per_s"]
-    for method, row in rows.items():
-        row["varlen_speedup"] = base / row["useful_tokens_per_s"]
+        row = {**shape_stats(work.cfg, method, work.steps[method]), **r}
+        if "error" not in r:
+            row["useful_tokens_per_s"] = row["useful_tokens"] / r["seconds"]
+            row["useful_flops_per_s"] = row["useful_flops"] / r["seconds"]
+            row["mfu"] = row["useful_flops_per_s"] / peak_flops
+        rows[method] = row
+    base = rows["varlen"].get("useful_tokens_per_s")
+    for row in rows.values():
+        if base and "useful_tokens_per_s" in row:
+            row["varlen_speedup"] = base / row["useful_tokens_per_s"]
     return rows
 
 
-def fmt_bytes(n: float) -> str:
+def gib(n: float) -> str:
     return f"{n / 2 ** 30:.2f}G"
 
 
-def print_table(seq_len: int, work: Workload, rows: dict[str, dict]) -> None:
-    print(f"\n=== max_seq_len {seq_len}: B={work.batch} pieces per padded batch, varlen rows of "
-          f"{work.capacity} tokens, {rows['varlen']['useful_tokens']:,} useful tokens in "
-          f"{rows['varlen']['steps']} steps ===")
-    head = (f"{'method':34} {'steps':>5} {'useful%':>7} {'pad FLOP%':>9} {'time s':>7} {'useful tok/s':>12} "
+def is_invalid(row: dict) -> bool:
+    return not row.get("packed_check", {}).get("valid", True)
+
+
+def print_table(work: Workload, rows: dict[str, dict]) -> None:
+    v = rows["varlen"]
+    print(f"\n=== max_seq_len {work.seq_len}: {v['pieces']} pieces, {v['useful_tokens']:,} useful tokens in "
+          f"{v['steps']} optimizer steps; padded: B={work.batch} pieces per step; varlen: one row of <= "
+          f"{work.capacity} tokens per step; HF packed: rows of <= {work.row_capacity} tokens ===")
+    head = (f"{'method':38} {'micro':>5} {'useful%':>7} {'pad FLOP%':>9} {'time s':>7} {'useful tok/s':>12} "
             f"{'varlen x':>8} {'MFU':>6} {'peak RSS':>8} {'+RSS':>7} {'other CPU':>9}")
     print(head)
     print("-" * len(head))
     for method, r in rows.items():
-        name = LABELS[method] + (" INVALID" if not r.get("packed_check", {}).get("valid", True) else "")
-        print(f"{name:34} {r['steps']:>5} {100 * r['useful_token_share']:>6.1f}% "
-              f"{100 * r['padding_flop_share']:>8.1f}% {r['seconds']:>7.1f} {r['useful_tokens_per_s']:>12,.0f} "
-              f"{r['varlen_speedup']:>7.2f}x {100 * r['mfu']:>5.1f}% {fmt_bytes(r['peak_rss_bytes']):>8} "
-              f"{fmt_bytes(r['peak_rss_bytes'] - r['rss_before_training_bytes']):>7} "
-              f"{r['other_cpu_cores']:>8.2f}c")
-    busy = [m for m, r in rows.items() if r["other_cpu_cores"] > 0.2]
+        name = LABELS[method] + (" INVALID" if is_invalid(r) else "")
+        shape = f"{name:38} {r['micro_batches']:>5} {100 * r['useful_token_share']:>6.1f}% " \
+                f"{100 * r['padding_flop_share']:>8.1f}%"
+        if "error" in r:
+            print(f"{shape} FAILED: {r['error']}")
+            continue
+        print(f"{shape} {r['seconds']:>7.1f} {r['useful_tokens_per_s']:>12,.0f} {r['varlen_speedup']:>7.2f}x "
+              f"{100 * r['mfu']:>5.1f}% {gib(r['peak_rss_bytes']):>8} "
+              f"{gib(r['peak_rss_bytes'] - r['rss_before_training_bytes']):>7} {r['other_cpu_cores']:>8.2f}c")
+    busy = [m for m, r in rows.items() if r.get("other_cpu_cores", 0) > 0.2]
     if busy:
-        print(f"WARNING: other processes used > 0.2 cores while timing {', '.join(busy)}; those numbers are low")
-
-
-def print_checks(rows: dict[str, dict]) -> None:
-    if "hf_padded" in rows:
-        print(f"weights copy check: varlen vs HF padded logits, max abs diff "
+        print(f"WARNING: other processes used > 0.2 cores while timing {', '.join(busy)}: those rates are low")
+    if "weights_check_max_abs_diff" in rows.get("hf_padded", {}):
+        print(f"weight copy check: varlen vs HF padded logits on {len(work.check_row)} pieces, max abs diff "
               f"{rows['hf_padded']['weights_check_max_abs_diff']:.2e}")
-    if "hf_packed" in rows:
+    if "packed_check" in rows.get("hf_packed", {}):
         c = rows["hf_packed"]["packed_check"]
-        verdict = "documents separated" if c["valid"] else "INVALID: cross-document attention"
-        print(f"HF packed check (row of {c['pieces']} pieces, {c['tokens']} tokens): max abs diff vs per-document "
-              f"runs {c['max_abs_diff']:.2e} (without position_ids {c['max_abs_diff_without_position_ids']:.2e}) "
-              f"-> {verdict}")
+        verdict = "documents kept apart" if c["valid"] else "INVALID: cross-document attention"
+        print(f"HF packed check before timing (row of {c['pieces']} pieces, {c['tokens']} tokens): max abs diff vs "
+              f"per-document runs {c['max_abs_diff']:.2e} (same row without position_ids: "
+              f"{c['max_abs_diff_without_position_ids']:.2e}) -> {verdict}")
 
 
-def targets(results: dict[int, dict[str, dict]]) -> list[dict]:
-    """The issue's targets, evaluated per seq_len."""
+def evaluate_targets(results: dict[int, dict[str, dict]]) -> list[dict]:
+    """The issue's targets, per seq_len."""
     out = []
     for seq_len, rows in results.items():
-        if "hf_padded" in rows:
-            p = rows["hf_padded"]
+        p, g, k = rows.get("hf_padded", {}), rows.get("hf_grouped", {}), rows.get("hf_packed", {})
+        if "varlen_speedup" in p:
             ideal = p["computed_flops"] / p["useful_flops"]
             reached = p["varlen_speedup"] / ideal
             out.append({"seq_len": seq_len, "target": "speed-up over (i) >= 90% of ideal",
                         "value": f"{p['varlen_speedup']:.2f}x of ideal {ideal:.2f}x = {100 * reached:.0f}%",
                         "pass": reached >= 0.9})
-        if "hf_grouped" in rows:
-            s = rows["hf_grouped"]["varlen_speedup"]
+        if "varlen_speedup" in g:
             out.append({"seq_len": seq_len, "target": "speed-up over (ii) >= 1.0x",
-                        "value": f"{s:.2f}x", "pass": s >= 1.0})
-        if "hf_packed" in rows and seq_len >= 8192:
-            s = rows["hf_packed"]["varlen_speedup"]
+                        "value": f"{g['varlen_speedup']:.2f}x", "pass": g["varlen_speedup"] >= 1.0})
+        if "varlen_speedup" in k and seq_len >= 8192:
             out.append({"seq_len": seq_len, "target": "speed-up over (iii) >= 2x at 8192",
-                        "value": f"{s:.2f}x", "pass": s >= 2.0})
+                        "value": f"{k['varlen_speedup']:.2f}x" + (" (iii INVALID)" if is_invalid(k) else ""),
+                        "pass": k["varlen_speedup"] >= 2.0})
     return out
 
 
@@ -453,17 +516,20 @@ def plot(results: dict[int, dict[str, dict]], path: Path) -> None:
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(9, 4.8))
     for i, m in enumerate(methods):
+        rows = [results[s].get(m, {}) for s in seq_lens]
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(seq_lens))]
-        ys = [results[s][m]["useful_tokens_per_s"] if m in results[s] else 0 for s in seq_lens]
-        invalid = any(not results[s].get(m, {}).get("packed_check", {}).get("valid", True) for s in seq_lens)
-        bars = ax.bar(xs, ys, width, label=LABELS[m] + (" INVALID" if invalid else ""), hatch="//" if invalid else None)
-        for b, s in zip(bars, seq_lens):
-            if m in results[s] and m != "varlen":
-                ax.annotate(f"{results[s][m]['varlen_speedup']:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
-                            ha="center", va="bottom", fontsize=8)
+        ys = [r.get("useful_tokens_per_s", 0) for r in rows]
+        invalid = any(is_invalid(r) for r in rows)
+        bars = ax.bar(xs, ys, width, label=LABELS[m] + (" INVALID" if invalid else ""),
+                      hatch="//" if invalid else None)
+        for bar, r in zip(bars, rows):
+            note = f"{r['varlen_speedup']:.2f}x" if "varlen_speedup" in r else "failed"
+            if m != "varlen":
+                ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                            fontsize=8)
     ax.set_xticks(range(len(seq_lens)), [f"max_seq_len {s}" for s in seq_lens])
     ax.set_ylabel("useful (non-pad) tokens / s")
-    ax.set_title("Training throughput, stdlib corpus (labels: varlen speed-up over that method)")
+    ax.set_title("Training throughput, stdlib corpus, CPU (bar labels: varlen speed-up over that method)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -478,11 +544,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--steps", default="3,2", help="timed optimizer steps: one value, or one per seq len")
     ap.add_argument("--batch", type=int, default=16, help="pieces per padded batch (B)")
     ap.add_argument("--warmup-pieces", type=int, default=4,
-                    help="pieces (not in the timed set) run as untimed warm-up steps by every method")
+                    help="pieces outside the timed set, run untimed first by every method")
+    ap.add_argument("--max-micro-tokens", type=int, default=32768,
+                    help="padded tokens per HF forward; a larger padded batch runs as chunks of its rows")
     ap.add_argument("--packed-row-capacity", type=int, default=0,
                     help="tokens per HF padding-free row (0 = max_seq_len); HF builds a dense T x T mask per row")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mem-limit-gib", type=float, default=16.0, help="address-space cap per worker process")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-head", type=int, default=4)
@@ -510,58 +579,54 @@ def main() -> None:
     info = machine_info(args.threads)
     tokenizer, store = prepare(Corpus("stdlib"), args.vocab, args.cache_dir)
     peak_before = matmul_flops(args.threads)
-    print(f"date {info['date']} | CPU {info['cpu']} ({info['logical_cpus']} logical CPUs, {info['memory_gib']} GiB) | "
-          f"torch {info['torch']}, transformers {info['transformers']}, python {info['python']} | "
-          f"{args.threads} threads")
+    print(f"date {info['date']} | CPU {info['cpu']} ({info['logical_cpus']} logical CPUs, {info['memory_gib']} GiB)"
+          f" | torch {info['torch']}, transformers {info['transformers']}, python {info['python']} | "
+          f"{args.threads} threads | load avg {os.getloadavg()[0]:.2f}")
     print(f"corpus stdlib: {store.num_docs:,} documents, {store.num_tokens:,} tokens, BPE vocab {tokenizer.vocab_size}")
-    print(f"timing: forward+backward+clip+AdamW per optimizer step; per seq len {dict(zip(seq_lens, steps))} timed "
-          f"steps after untimed warm-up on {args.warmup_pieces} other pieces; each (method, seq_len) in a fresh "
-          f"process; inputs built before the clock starts; fp32")
-    print(f"dense fp32 matmul 2048x2048, {args.threads} threads: {peak_before / 1e9:.1f} GFLOP/s")
+    print(f"timing: fp32 forward+backward+clip+AdamW per optimizer step; timed steps per seq len "
+          f"{dict(zip(seq_lens, steps))} after an untimed warm-up on {args.warmup_pieces} other pieces; each "
+          f"(method, seq_len) in a fresh process; inputs built before the clock starts")
+    print(f"dense fp32 matmul 2048x2048 at {args.threads} threads: {peak_before / 1e9:.1f} GFLOP/s", flush=True)
 
-    results: dict[int, dict[str, dict]] = {}
     workloads: dict[int, Workload] = {}
+    runs: dict[int, dict[str, dict]] = {}
     for seq_len, n_steps in zip(seq_lens, steps):
         cfg = ModelConfig(vocab_size=tokenizer.vocab_size, dim=args.dim, n_layer=args.n_layer, n_head=args.n_head,
                           n_kv_head=args.n_kv_head, max_seq_len=seq_len, attention="sdpa_docs")
-        work = build_workload(store, cfg, seq_len, args.batch, n_steps, args.warmup_pieces,
-                              args.packed_row_capacity, args.seed)
-        workloads[seq_len] = work
-        runs = {}
+        workloads[seq_len] = work = build_workload(store, cfg, args, n_steps)
+        runs[seq_len] = {}
         for method in methods:
             t0 = time.perf_counter()
-            runs[method] = run_isolated(method, work, args)
-            print(f"  [{seq_len}] {method}: {runs[method]['seconds']:.1f}s timed, {time.perf_counter() - t0:.0f}s "
-                  f"with setup, load avg before {runs[method]['load_avg_1min_before']:.2f}", flush=True)
-        results[seq_len] = summarize(work, runs)
+            r = runs[seq_len][method] = run_isolated(method, work, args)
+            status = f"FAILED {r['error']}" if "error" in r else f"{r['seconds']:.1f}s timed"
+            print(f"  [{seq_len}] {method}: {status}, {time.perf_counter() - t0:.0f}s in all "
+                  f"(load avg before timing {r.get('load_avg_1min_before', float('nan')):.2f})", flush=True)
 
     peak_after = matmul_flops(args.threads)
-    peak = max(peak_before, peak_after)
-    for rows in results.values():  # MFU against the better of the two matmul measurements
-        for r in rows.values():
-            r["mfu"] = r["useful_flops_per_s"] / peak
-    print(f"\ndense fp32 matmul again after the runs: {peak_after / 1e9:.1f} GFLOP/s; MFU below uses "
-          f"{peak / 1e9:.1f} GFLOP/s")
-    cfg0 = next(iter(workloads.values())).cfg
-    print(f"model: dim {cfg0.dim}, {cfg0.n_layer} layers, {cfg0.n_head} heads ({cfg0.n_kv_head} kv), ffn {cfg0.ffn_dim}, "
-          f"vocab {cfg0.vocab_size}, tied embeddings {cfg0.tie_embeddings}, "
+    peak = max(peak_before, peak_after)  # MFU against the better of the two measurements
+    results = {s: summarize(workloads[s], runs[s], peak) for s in seq_lens}
+    cfg0 = workloads[seq_lens[0]].cfg
+    print(f"\ndense fp32 matmul again after the runs: {peak_after / 1e9:.1f} GFLOP/s; MFU uses {peak / 1e9:.1f}")
+    print(f"model: dim {cfg0.dim}, {cfg0.n_layer} layers, {cfg0.n_head} heads ({cfg0.n_kv_head} kv), ffn "
+          f"{cfg0.ffn_dim}, vocab {cfg0.vocab_size}, tied embeddings {cfg0.tie_embeddings}, "
           f"{Transformer(cfg0).num_params() / 1e6:.2f}M parameters")
-    print("columns: useful% = non-pad share of computed tokens; pad FLOP% = share of FLOPs (causal attention "
-          "counted per sequence) spent on padding; MFU = useful FLOP/s / matmul FLOP/s; +RSS = peak RSS minus RSS "
-          "after setup; other CPU = cores used by other processes while timing")
-    for seq_len, rows in results.items():
-        print_table(seq_len, workloads[seq_len], rows)
-        print_checks(rows)
+    print("columns: micro = forward/backward passes; useful% = non-pad share of computed tokens; pad FLOP% = share "
+          "of FLOPs spent on padding (attention counted causal per row); MFU = useful FLOP/s over matmul FLOP/s; "
+          "peak RSS = the worker's high-water mark; +RSS = peak minus RSS after setup; other CPU = cores busy "
+          "with other processes while timing")
+    for seq_len in seq_lens:
+        print_table(workloads[seq_len], results[seq_len])
 
     print("\ntargets:")
-    verdicts = targets(results)
+    verdicts = evaluate_targets(results)
     for t in verdicts:
-        print(f"  [{t['seq_len']}] {t['target']:38} {t['value']:32} {'PASS' if t['pass'] else 'FAIL'}")
+        print(f"  [{t['seq_len']}] {t['target']:36} {t['value']:34} {'PASS' if t['pass'] else 'FAIL'}")
 
     report = {"machine": info, "args": vars(args), "matmul_flops": {"before": peak_before, "after": peak_after},
               "model": asdict(cfg0), "targets": verdicts,
-              "results": {str(s): {"capacity": workloads[s].capacity, "batch": workloads[s].batch, "methods": rows}
-                          for s, rows in results.items()}}
+              "results": {str(s): {"capacity": workloads[s].capacity, "batch": workloads[s].batch,
+                                   "packed_row_capacity": workloads[s].row_capacity, "methods": results[s]}
+                          for s in seq_lens}}
     (out / "train_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(results, out / "train_throughput.png")
     print(f"\nwrote {out / 'train_throughput.json'} and {out / 'train_throughput.png'}")

@@ -16,9 +16,9 @@ def test_presets_include_tiny_and_small():
 
 def test_overrides_and_files_layer_over_the_preset(tmp_path):
     f = tmp_path / "run.yaml"
-    f.write_text("model:\n  dim: 128\ntrain:\n  lr: 1.0e-3\n")
+    f.write_text("model:\n  dim: 96\ntrain:\n  lr: 1.0e-3\n")
     cfg = load_config("tiny", str(f), {"model.n_layer": "3", "train.compile": "true", "data.field": "body"})
-    assert (cfg.model.dim, cfg.model.n_layer, cfg.train.lr) == (128, 3, 1e-3)
+    assert (cfg.model.dim, cfg.model.n_layer, cfg.train.lr) == (96, 3, 1e-3)
     assert cfg.train.compile is True and cfg.data.field == "body"
 
 
