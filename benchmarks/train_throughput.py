@@ -1,7 +1,9 @@
 """Training throughput: varlen's packed rows against Hugging Face Llama fed padded or packed batches.
 
-One run, on the stdlib corpus (4096-token BPE), one model config, the same sampled pieces (documents cut
-to max_seq_len) and the same useful tokens per optimizer step for every method:
+One run, on the stdlib corpus (4096-token BPE), one model config, the same pieces (documents cut to
+max_seq_len) and the same useful tokens per optimizer step for every method. The pieces are --steps
+length-grouped batches of B, stratified over one of HF's megabatches (50*B pieces drawn at random from
+the whole corpus), so every length range is represented and (ii) gets HF's real, near-uniform batches.
 
   varlen      varlen Transformer on packed rows (pack_epoch), default CPU attention (sdpa_docs)
   hf_padded   (i)   LlamaForCausalLM (sdpa), B pieces per batch in sampled (random) order, right-padded
@@ -64,20 +66,34 @@ class Workload:
     seq_len: int
     batch: int                  # B pieces per padded batch
     capacity: int               # varlen row capacity = useful tokens per optimizer step
+    varlen_row_capacity: int    # 0: one varlen row per step; else rows of at most this, accumulated
     row_capacity: int           # tokens per HF padding-free row
     cfg: ModelConfig
     steps: dict[str, list[Step]]
     warmup: dict[str, list[Step]]
     check_row: list[Piece]      # short random pieces: test HF's packed path and the weight copy
+    store_path: str             # the token store, opened again by each worker
 
 
-def sample_pieces(store: TokenStore, seq_len: int, n: int, seed: int) -> list[Piece]:
-    """n pieces drawn uniformly (seeded) from all pieces of the corpus, so both length tails show up."""
-    pieces = cut_pieces(range(store.num_docs), store.lengths, seq_len)
-    if n > len(pieces):
-        raise SystemExit(f"asked for {n} pieces at seq_len {seq_len} but the corpus has {len(pieces)}")
-    order = np.random.default_rng(seed).permutation(len(pieces))[:n]
-    return [pieces[i] for i in order]
+def all_pieces(store: TokenStore, seq_len: int) -> list[Piece]:
+    return cut_pieces(range(store.num_docs), store.lengths, seq_len)
+
+
+def grouped_megabatch(store: TokenStore, seq_len: int, batch: int, seed: int) -> list[list[Piece]]:
+    """The 50 batches Trainer's LengthGroupedSampler makes of one megabatch: 50*B pieces drawn at random
+    (seeded) from the whole corpus, sorted by length, longest first, cut into batches of B."""
+    pieces = all_pieces(store, seq_len)
+    n = min(50 * batch, len(pieces))
+    chosen = [pieces[i] for i in np.random.default_rng(seed).permutation(len(pieces))[:n]]
+    ordered = sorted(chosen, key=lambda p: -p.length)  # stable: ties keep the random order
+    return [ordered[i:i + batch] for i in range(0, n - batch + 1, batch)]
+
+
+def stratified(batches: list[list[Piece]], n: int) -> list[list[Piece]]:
+    """n batches from the middle of n equal slices of the sorted batches: every length range shows up."""
+    if n > len(batches):
+        raise SystemExit(f"--steps {n} is more than the {len(batches)} batches of one megabatch")
+    return [batches[int((k + 0.5) * len(batches) / n)] for k in range(n)]
 
 
 def padded_len(step: Step) -> int:
@@ -98,22 +114,8 @@ def split_rows(batch: list[Piece], max_micro_tokens: int) -> Step:
 
 
 def padded_batches(pieces: list[Piece], batch: int, max_micro_tokens: int) -> list[Step]:
-    """(i): consecutive pieces in sampled order, B per batch, as a shuffled DataLoader gives them."""
+    """(i): consecutive pieces of a random order, B per batch, as a shuffled DataLoader gives them."""
     return [split_rows(pieces[i:i + batch], max_micro_tokens) for i in range(0, len(pieces), batch)]
-
-
-def grouped_batches(pieces: list[Piece], batch: int, max_micro_tokens: int, seed: int) -> list[Step]:
-    """(ii): Trainer's LengthGroupedSampler sorts megabatches of 50*B pieces by length, longest first.
-
-    A pool of fewer than 50*B pieces is one megabatch, so it is sorted whole; the batch order is
-    then shuffled so a step's length does not depend on its index.
-    """
-    megabatch = 50 * batch
-    ordered: list[Piece] = []
-    for i in range(0, len(pieces), megabatch):
-        ordered += sorted(pieces[i:i + megabatch], key=lambda p: -p.length)  # stable: ties keep sample order
-    batches = padded_batches(ordered, batch, max_micro_tokens)
-    return [batches[i] for i in np.random.default_rng(seed).permutation(len(batches))]
 
 
 def fitting_capacity(pieces: list[Piece], n_rows: int, seq_len: int) -> int:
@@ -129,10 +131,11 @@ def fitting_capacity(pieces: list[Piece], n_rows: int, seq_len: int) -> int:
 
 
 def packed_subrows(row: list[Piece], row_capacity: int) -> Step:
-    """(iii): one varlen step re-packed into padding-free rows of at most row_capacity tokens.
+    """One step's pieces re-packed into rows of at most row_capacity tokens, run with gradient accumulation.
 
-    HF's sdpa path builds a dense (T, T) mask per row, so one row per step (T = tens of thousands of
-    tokens at 8192) is out of reach on CPU; rows of max_seq_len are what TRL's padding_free uses.
+    For (iii): HF's sdpa path builds a dense (T, T) mask per row, so one row per step (T = tens of
+    thousands of tokens at 8192) is out of reach on CPU; rows of max_seq_len are what TRL's
+    padding_free packing uses.
     """
     lengths = [p.length for p in row]
     return [[row[i] for i in b] for b in best_fit_decreasing(lengths, row_capacity)]
@@ -140,7 +143,7 @@ def packed_subrows(row: list[Piece], row_capacity: int) -> Step:
 
 def check_row(store: TokenStore, seq_len: int, capacity: int, seed: int, n: int = 8) -> list[Piece]:
     """n random short pieces (each at most capacity / n tokens) for one row: many document boundaries."""
-    pieces = cut_pieces(range(store.num_docs), store.lengths, seq_len)
+    pieces = all_pieces(store, seq_len)
     row: list[Piece] = []
     for i in np.random.default_rng(seed + 1).permutation(len(pieces)):
         if pieces[i].length <= capacity // n:
@@ -150,27 +153,40 @@ def check_row(store: TokenStore, seq_len: int, capacity: int, seed: int, n: int 
     return row
 
 
-def method_steps(pieces: list[Piece], capacity: int, row_cap: int, batch: int, max_micro_tokens: int,
-                 seed: int) -> dict[str, list[Step]]:
-    rows = pack_epoch(pieces, capacity, seed)
+def method_steps(groups: list[list[Piece]], capacity: int, varlen_row_cap: int, hf_row_cap: int,
+                 max_micro_tokens: int, seed: int) -> dict[str, list[Step]]:
+    """Each method's steps over the same pieces: `groups` are the length-grouped batches of (ii)."""
+    rng = np.random.default_rng(seed)
+    pieces = [p for g in groups for p in g]
+    shuffled = [pieces[i] for i in rng.permutation(len(pieces))]
+    rows = pack_epoch(pieces, capacity, seed)  # one row per optimizer step
     return {
-        "varlen": [[r] for r in rows],
-        "hf_padded": padded_batches(pieces, batch, max_micro_tokens),
-        "hf_grouped": grouped_batches(pieces, batch, max_micro_tokens, seed),
-        "hf_packed": [packed_subrows(r, row_cap) for r in rows],
+        # A row wider than varlen_row_cap runs as several (gradient accumulation), as train.grad_accum does.
+        "varlen": [packed_subrows(r, varlen_row_cap) if varlen_row_cap else [r] for r in rows],
+        "hf_padded": padded_batches(shuffled, len(groups[0]), max_micro_tokens),
+        "hf_grouped": [split_rows(groups[i], max_micro_tokens) for i in rng.permutation(len(groups))],
+        "hf_packed": [packed_subrows(r, hf_row_cap) for r in rows],
     }
 
 
 def build_workload(store: TokenStore, cfg: ModelConfig, args: argparse.Namespace, n_steps: int) -> Workload:
+    """The timed pieces are n_steps length-grouped batches, stratified over one megabatch, so (ii) sees
+    the near-uniform batches HF's grouping really makes while (i) and varlen get a sample that spans
+    every length range. Warm-up runs a few other, short pieces (first calls, optimizer state)."""
     seq_len, batch = cfg.max_seq_len, args.batch
-    pieces = sample_pieces(store, seq_len, n_steps * batch + args.warmup_pieces, args.seed)
-    timed, warm = pieces[:n_steps * batch], pieces[n_steps * batch:]
-    capacity = fitting_capacity(timed, n_steps, seq_len)
-    row_cap = args.packed_row_capacity or seq_len
-    steps = method_steps(timed, capacity, row_cap, batch, args.max_micro_tokens, args.seed)
-    warmup = method_steps(warm, capacity, row_cap, batch, args.max_micro_tokens, args.seed)
-    check = check_row(store, seq_len, row_cap, args.seed)
-    return Workload(seq_len, batch, capacity, row_cap, cfg, steps, warmup, check)
+    megabatch = grouped_megabatch(store, seq_len, batch, args.seed)
+    timed = stratified(megabatch, n_steps)
+    used = {p for g in timed for p in g}
+    spare = [p for g in megabatch for p in g if p not in used and p.length <= seq_len // 4]
+    warm = [[spare[i] for i in np.random.default_rng(args.seed).permutation(len(spare))[:args.warmup_pieces]]]
+    capacity = fitting_capacity([p for g in timed for p in g], n_steps, seq_len)
+    hf_row_cap = args.packed_row_capacity or seq_len
+    varlen_row_cap = max(args.varlen_row_capacity, seq_len) if args.varlen_row_capacity else 0
+    steps = method_steps(timed, capacity, varlen_row_cap, hf_row_cap, args.max_micro_tokens, args.seed)
+    warmup = method_steps(warm, capacity, varlen_row_cap, hf_row_cap, args.max_micro_tokens, args.seed)
+    check = check_row(store, seq_len, hf_row_cap, args.seed)
+    return Workload(seq_len, batch, capacity, varlen_row_cap, hf_row_cap, cfg, steps, warmup, check,
+                    str(store.path))
 
 
 # ------------------------------------------------------------------------------------------------- FLOPs
@@ -291,10 +307,10 @@ def cpu_busy_seconds() -> float:
     return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
 
 
-def run_method(method: str, work: Workload, threads: int, seed: int, cache_dir: str | None) -> dict:
+def run_method(method: str, work: Workload, threads: int, seed: int, profile: bool = False) -> dict:
     """One (method, seq_len): build model and inputs, warm up, time the steps, report."""
     torch.set_num_threads(threads)
-    _, store = prepare(Corpus("stdlib"), work.cfg.vocab_size, cache_dir, log=lambda _: None)
+    store = TokenStore.open(work.store_path)
     torch.manual_seed(seed)
     model = Transformer(work.cfg)
     result: dict = {"method": method, "seq_len": work.seq_len}
@@ -347,18 +363,28 @@ def run_method(method: str, work: Workload, threads: int, seed: int, cache_dir: 
         train_step(build(step))
 
     load_before = os.getloadavg()[0]
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else nullcontext()
     busy0, own0 = cpu_busy_seconds(), time.process_time()
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     times = []
-    for micros in timed:
-        t0 = time.perf_counter()
-        train_step(micros)
-        times.append(time.perf_counter() - t0)
+    with profiler:
+        for micros in timed:
+            t0 = time.perf_counter()
+            train_step(micros)
+            times.append(time.perf_counter() - t0)
     busy, own = cpu_busy_seconds() - busy0, time.process_time() - own0
+    # Minor page faults: pages the kernel had to hand over (and zero) because big tensors are
+    # allocated afresh (glibc mmaps blocks over 32 MiB and unmaps them on free).
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+    if profile:
+        result["profile"] = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25,
+                                                          max_name_column_width=60)
     wall = sum(times)
     result.update({
         "step_seconds": times, "seconds": wall,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
         "rss_before_training_bytes": rss_base, "load_avg_1min_before": load_before,
+        "page_fault_bytes_per_step": faults * resource.getpagesize() / len(times),
         # CPU seconds other processes used per wall second while we timed (0 = the machine was ours).
         "other_cpu_cores": max(0.0, (busy - own) / wall),
     })
@@ -382,7 +408,7 @@ def run_isolated(method: str, work: Workload, args: argparse.Namespace) -> dict:
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(send, int(args.mem_limit_gib * 2 ** 30), method, work,
-                                            args.threads, args.seed, args.cache_dir))
+                                            args.threads, args.seed, args.profile))
     proc.start()
     send.close()
     try:
@@ -456,10 +482,11 @@ def is_invalid(row: dict) -> bool:
 def print_table(work: Workload, rows: dict[str, dict]) -> None:
     v = rows["varlen"]
     print(f"\n=== max_seq_len {work.seq_len}: {v['pieces']} pieces, {v['useful_tokens']:,} useful tokens in "
-          f"{v['steps']} optimizer steps; padded: B={work.batch} pieces per step; varlen: one row of <= "
-          f"{work.capacity} tokens per step; HF packed: rows of <= {work.row_capacity} tokens ===")
+          f"{v['steps']} optimizer steps; padded: B={work.batch} pieces per step; varlen: {work.capacity} tokens "
+          f"per step" + (f" in rows of <= {work.varlen_row_capacity}" if work.varlen_row_capacity else " in one row")
+          + f"; HF packed: rows of <= {work.row_capacity} tokens ===")
     head = (f"{'method':38} {'micro':>5} {'useful%':>7} {'pad FLOP%':>9} {'time s':>7} {'useful tok/s':>12} "
-            f"{'varlen x':>8} {'MFU':>6} {'peak RSS':>8} {'+RSS':>7} {'other CPU':>9}")
+            f"{'varlen x':>8} {'MFU':>6} {'peak RSS':>8} {'+RSS':>7} {'faults/step':>11} {'other CPU':>9}")
     print(head)
     print("-" * len(head))
     for method, r in rows.items():
@@ -471,7 +498,8 @@ def print_table(work: Workload, rows: dict[str, dict]) -> None:
             continue
         print(f"{shape} {r['seconds']:>7.1f} {r['useful_tokens_per_s']:>12,.0f} {r['varlen_speedup']:>7.2f}x "
               f"{100 * r['mfu']:>5.1f}% {gib(r['peak_rss_bytes']):>8} "
-              f"{gib(r['peak_rss_bytes'] - r['rss_before_training_bytes']):>7} {r['other_cpu_cores']:>8.2f}c")
+              f"{gib(r['peak_rss_bytes'] - r['rss_before_training_bytes']):>7} "
+              f"{gib(r['page_fault_bytes_per_step']):>11} {r['other_cpu_cores']:>8.2f}c")
     busy = [m for m, r in rows.items() if r.get("other_cpu_cores", 0) > 0.2]
     if busy:
         print(f"WARNING: other processes used > 0.2 cores while timing {', '.join(busy)}: those rates are low")
@@ -549,9 +577,14 @@ def parse_args() -> argparse.Namespace:
                     help="padded tokens per HF forward; a larger padded batch runs as chunks of its rows")
     ap.add_argument("--packed-row-capacity", type=int, default=0,
                     help="tokens per HF padding-free row (0 = max_seq_len); HF builds a dense T x T mask per row")
+    ap.add_argument("--varlen-row-capacity", type=int, default=0,
+                    help="0 = one varlen row per optimizer step; else rows of at most this many tokens, "
+                         "gradient-accumulated")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--profile", action="store_true",
+                    help="run the timed steps under torch.profiler (slower) and write op tables to --out")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--mem-limit-gib", type=float, default=16.0, help="address-space cap per worker process")
+    ap.add_argument("--mem-limit-gib", type=float, default=18.0, help="address-space cap per worker process")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-head", type=int, default=4)
@@ -585,7 +618,8 @@ def main() -> None:
     print(f"corpus stdlib: {store.num_docs:,} documents, {store.num_tokens:,} tokens, BPE vocab {tokenizer.vocab_size}")
     print(f"timing: fp32 forward+backward+clip+AdamW per optimizer step; timed steps per seq len "
           f"{dict(zip(seq_lens, steps))} after an untimed warm-up on {args.warmup_pieces} other pieces; each "
-          f"(method, seq_len) in a fresh process; inputs built before the clock starts")
+          f"(method, seq_len) in a fresh process; inputs built before the clock starts"
+          + ("; UNDER torch.profiler (times inflated)" if args.profile else ""))
     print(f"dense fp32 matmul 2048x2048 at {args.threads} threads: {peak_before / 1e9:.1f} GFLOP/s", flush=True)
 
     workloads: dict[int, Workload] = {}
@@ -598,6 +632,8 @@ def main() -> None:
         for method in methods:
             t0 = time.perf_counter()
             r = runs[seq_len][method] = run_isolated(method, work, args)
+            if "profile" in r:
+                (out / f"profile_{seq_len}_{method}.txt").write_text(r.pop("profile"))
             status = f"FAILED {r['error']}" if "error" in r else f"{r['seconds']:.1f}s timed"
             print(f"  [{seq_len}] {method}: {status}, {time.perf_counter() - t0:.0f}s in all "
                   f"(load avg before timing {r.get('load_avg_1min_before', float('nan')):.2f})", flush=True)
@@ -612,8 +648,9 @@ def main() -> None:
           f"{Transformer(cfg0).num_params() / 1e6:.2f}M parameters")
     print("columns: micro = forward/backward passes; useful% = non-pad share of computed tokens; pad FLOP% = share "
           "of FLOPs spent on padding (attention counted causal per row); MFU = useful FLOP/s over matmul FLOP/s; "
-          "peak RSS = the worker's high-water mark; +RSS = peak minus RSS after setup; other CPU = cores busy "
-          "with other processes while timing")
+          "peak RSS = the worker's high-water mark; +RSS = peak minus RSS after setup; faults/step = memory "
+          "handed over by the kernel per step (minor page faults x page size); other CPU = cores busy with other "
+          "processes while timing")
     for seq_len in seq_lens:
         print_table(workloads[seq_len], results[seq_len])
 
