@@ -36,7 +36,7 @@ import psutil
 import torch
 
 from varlen.batch import Batch
-from varlen.config import ModelConfig, TrainConfig
+from varlen.config import DataConfig, ModelConfig, TrainConfig
 from varlen.data.corpus import Corpus
 from varlen.data.loader import make_micro
 from varlen.data.pack import Piece, best_fit_decreasing, cut_pieces, materialize, pack_epoch
@@ -161,7 +161,7 @@ def method_steps(groups: list[list[Piece]], capacity: int, varlen_row_cap: int, 
     shuffled = [pieces[i] for i in rng.permutation(len(pieces))]
     rows = pack_epoch(pieces, capacity, seed)  # one row per optimizer step
     return {
-        # A row wider than varlen_row_cap runs as several (gradient accumulation), as train.grad_accum does.
+        # A row wider than varlen_row_cap runs as several (gradient accumulation), as data.row_tokens does.
         "varlen": [packed_subrows(r, varlen_row_cap) if varlen_row_cap else [r] for r in rows],
         "hf_padded": padded_batches(shuffled, len(groups[0]), max_micro_tokens),
         "hf_grouped": [split_rows(groups[i], max_micro_tokens) for i in rng.permutation(len(groups))],
@@ -220,7 +220,10 @@ def shape_stats(cfg: ModelConfig, method: str, steps: list[Step]) -> dict:
     cf = sum(computed_flops(cfg, method, s) for s in steps)
     return {"steps": len(steps), "micro_batches": sum(len(s) for s in steps), "pieces": len(lengths),
             "useful_tokens": sum(lengths), "computed_tokens": computed, "useful_token_share": sum(lengths) / computed,
-            "useful_flops": uf, "computed_flops": cf, "padding_flop_share": 1 - uf / cf}
+            "useful_flops": uf, "computed_flops": cf, "padding_flop_share": 1 - uf / cf,
+            # Packed rows holding one piece run plain causal attention in every method: nothing to gain there.
+            "single_piece_row_token_share": sum(p.length for s in steps for mb in s if len(mb) == 1 for p in mb)
+            / max(sum(lengths), 1)}
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -506,6 +509,10 @@ def print_table(work: Workload, rows: dict[str, dict]) -> None:
     if "weights_check_max_abs_diff" in rows.get("hf_padded", {}):
         print(f"weight copy check: varlen vs HF padded logits on {len(work.check_row)} pieces, max abs diff "
               f"{rows['hf_padded']['weights_check_max_abs_diff']:.2e}")
+    if "hf_packed" in rows:
+        print(f"HF packed rows: {100 * rows['hf_packed']['single_piece_row_token_share']:.0f}% of useful tokens sit in "
+              f"rows of a single piece (plain causal attention, the same work as varlen's); the rest in rows "
+              f"of several pieces, where HF attends through a block-diagonal (T, T) mask")
     if "packed_check" in rows.get("hf_packed", {}):
         c = rows["hf_packed"]["packed_check"]
         verdict = "documents kept apart" if c["valid"] else "INVALID: cross-document attention"
@@ -577,9 +584,9 @@ def parse_args() -> argparse.Namespace:
                     help="padded tokens per HF forward; a larger padded batch runs as chunks of its rows")
     ap.add_argument("--packed-row-capacity", type=int, default=0,
                     help="tokens per HF padding-free row (0 = max_seq_len); HF builds a dense T x T mask per row")
-    ap.add_argument("--varlen-row-capacity", type=int, default=0,
-                    help="0 = one varlen row per optimizer step; else rows of at most this many tokens, "
-                         "gradient-accumulated")
+    ap.add_argument("--varlen-row-capacity", type=int, default=DataConfig().row_tokens,
+                    help="rows of at most this many tokens, gradient-accumulated (default: varlen's "
+                         "data.row_tokens); 0 = one varlen row per optimizer step")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--profile", action="store_true",
                     help="run the timed steps under torch.profiler (slower) and write op tables to --out")

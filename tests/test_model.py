@@ -100,3 +100,20 @@ def test_auto_backend_on_cpu_is_the_trainable_one():
     assert choose_backend("auto", torch.device("cpu")) == "sdpa_docs"
     with pytest.raises(ValueError, match="flash"):
         choose_backend("flash", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("seqlens", [[37], [5, 5, 9, 3]])
+def test_sdpa_docs_calls_sdpa_with_4d_tensors(monkeypatch, seqlens):
+    # With 3-D inputs CPU SDPA takes the math path, which builds the (T, T) scores and is ~5x slower.
+    from varlen.model.attention import sdpa_docs
+    seen = []
+    real = sdpa_docs.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append(q.dim())
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(sdpa_docs.F, "scaled_dot_product_attention", spy)
+    T = sum(seqlens)
+    q, k, v = torch.randn(T, 4, 8), torch.randn(T, 2, 8), torch.randn(T, 2, 8)
+    sdpa_docs.attention(q, k, v, Batch.from_seqlens(seqlens))
+    assert seen and set(seen) == {4}

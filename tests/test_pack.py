@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from varlen.batch import Batch
+from varlen.data.loader import step_layout
 from varlen.data.pack import Piece, best_fit_decreasing, cut_pieces, fill_ratio, materialize, pack_epoch
 
 doc_lengths = st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=60)
@@ -97,3 +98,16 @@ def test_stdlib_corpus_packs_at_least_99_percent_full(tmp_path):
         used = sum(p.length for r in rows for p in r)
         ratio = used / (len(rows) * capacity)
         assert ratio >= 0.99, (max_seq_len, capacity, ratio)
+
+
+@pytest.mark.parametrize("tps,msl,accum,cap,want", [
+    (8192, 512, 1, 8192, (1, 8192)),       # fits: one row
+    (32768, 2048, 1, 8192, (4, 8192)),     # capped: four accumulated rows
+    (32768, 2048, 8, 8192, (8, 4096)),     # explicit grad_accum above the cap wins
+    (10000, 8192, 1, 8192, (1, 10000)),    # never a row shorter than max_seq_len
+    (65536, 512, 1, 0, (1, 65536)),        # 0 = no cap
+])
+def test_step_layout(tps, msl, accum, cap, want):
+    rows, width = step_layout(tps, msl, accum, cap)
+    assert (rows, width) == want
+    assert width >= msl and rows * width <= tps

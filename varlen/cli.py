@@ -1,4 +1,4 @@
-"""The `varlen` command: train | sample | data stats | plot.
+"""The `varlen` command: train | sample | convert | data stats | plot.
 
 Any config field can be set as `--section.field VALUE` after the subcommand's own options.
 Errors in the user's input print one line naming the input and the fix, and exit with code 2.
@@ -43,6 +43,10 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
     if args.corpus:
         overrides = {"data.corpus": args.corpus, **overrides}
+    if args.init_from:
+        if args.resume:
+            raise ConfigError("--init-from starts a new run and --resume continues one; pass only one of them")
+        overrides = {"train.init_from": args.init_from, **overrides}
     if args.resume:
         ckpt = io.resolve(args.resume)
         cfg = io.load_config(ckpt)
@@ -66,7 +70,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 def cmd_sample(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     import torch
 
-    from .checkpoint.io import load_model
+    from .checkpoint import load_model
     from .generate import generate
 
     if overrides:
@@ -77,7 +81,7 @@ def cmd_sample(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         raise ConfigError(f"--top-p is {args.top_p}; use a value in (0, 1]")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg, tok = load_model(args.run_dir, device)
-    prompt_ids = [tok.eod_id] + tok.encode(args.prompt)  # documents start after EOD in training
+    prompt_ids = [tok.bos_id] + tok.encode(args.prompt)  # as every training document starts
     new = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                    args.seed, stop_id=tok.eod_id, max_seq_len=cfg.model.max_seq_len)
     sys.stdout.write(tok.decode(new) + "\n")
@@ -108,6 +112,22 @@ def cmd_data_stats(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from .checkpoint import hf_llama, load_model
+
+    if overrides:
+        raise ConfigError(f"varlen convert takes no config fields (got --{next(iter(overrides))})")
+    src = args.to_hf or args.from_hf
+    if args.from_hf and not hf_llama.is_hf_dir(src):
+        raise ConfigError(f"--from-hf {src}: no Hugging Face config.json (with model_type) there; pass a HF "
+                          f"model directory")
+    model, cfg, tok = load_model(src)
+    out = (hf_llama.save_hf if args.to_hf else hf_llama.save_varlen)(model, cfg, tok, args.out_dir)
+    kind = "Hugging Face Llama" if args.to_hf else "varlen"
+    print(f"wrote {kind} checkpoint {out} ({model.num_params() / 1e6:.2f}M parameters)", file=sys.stderr)
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from .plots import plot_loss
     print(plot_loss(args.run_dir))
@@ -125,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--corpus", help="stdlib | DIR | FILE.jsonl | FILE.parquet (default: stdlib)")
     t.add_argument("--out", default="runs/tiny", help="run directory (default: runs/tiny)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    t.add_argument("--init-from", metavar="DIR", help="start from these weights and tokenizer: a varlen run or "
+                   "checkpoint, or a Hugging Face Llama directory (fine-tuning)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_train)
 
@@ -149,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--cache-dir", default="")
     ds.add_argument("--plot", default="lengths.png", help="histogram file (default: lengths.png)")
     ds.set_defaults(fn=cmd_data_stats)
+
+    c = sub.add_parser("convert", help="convert checkpoints to or from Hugging Face Llama directories")
+    way = c.add_mutually_exclusive_group(required=True)
+    way.add_argument("--to-hf", metavar="RUN_DIR_OR_CKPT", help="varlen run or checkpoint -> HF directory")
+    way.add_argument("--from-hf", metavar="HF_DIR", help="HF Llama directory -> varlen checkpoint directory")
+    c.add_argument("out_dir", help="new output directory")
+    c.set_defaults(fn=cmd_convert)
 
     pl = sub.add_parser("plot", help="draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl")
     pl.add_argument("run_dir")

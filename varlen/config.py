@@ -26,6 +26,11 @@ class ModelConfig:
     n_kv_head: int = 2           # grouped-query attention: n_head must be a multiple of it
     ffn_hidden: int = 0          # SwiGLU hidden width; 0 = Llama's rule (8/3 * dim, rounded up to 64)
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"   # none | llama3 (Llama 3.1's long-context frequency scaling; set on import)
+    rope_factor: float = 8.0     # llama3 scaling: the fields of HF's rope_scaling, used only with llama3
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # small models spend a large share of parameters on the embedding
     max_seq_len: int = 512       # longest sequence the model sees; longer documents are cut into pieces
@@ -49,6 +54,7 @@ class DataConfig:
     field: str = "text"          # JSONL field / Parquet column holding the document text
     skip_bad: bool = False       # skip (and count) JSONL lines that are not JSON or lack the field
     tokens_per_step: int = 4096  # input tokens per optimizer step (split over grad_accum micro-steps)
+    row_tokens: int = 4096       # longest packed row (never below max_seq_len); bigger steps accumulate (0 = no cap)
     val_fraction: float = 0.02   # share of documents held out for validation, chosen by seed
     cache_dir: str = ""          # tokenizer + token store cache; "" = $VARLEN_CACHE or ~/.cache/varlen
     max_docs: int = 0            # read only the first N documents (0 = all); handy for quick runs
@@ -64,7 +70,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0       # 0 disables clipping
-    grad_accum: int = 1          # micro-steps per optimizer step
+    grad_accum: int = 1          # micro-steps per optimizer step (more if data.row_tokens asks for it)
     eval_every: int = 100        # 0 disables periodic validation
     eval_tokens: int = 32768     # validation tokens per evaluation (the same documents every time)
     ckpt_every: int = 200        # 0 = only at the end
@@ -75,6 +81,7 @@ class TrainConfig:
     dtype: str = "auto"          # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool = False
     threads: int = 0             # torch CPU threads; 0 = torch's default
+    init_from: str = ""          # start from these weights: a varlen run/checkpoint or a HF Llama directory
 
 
 @dataclass
@@ -211,6 +218,12 @@ def validate(cfg: Config) -> None:
         (lambda: d.max_docs >= 0, f"data.max_docs is {d.max_docs}; use 0 (all) or a positive count"),
         (lambda: m.attention in ("auto", "sdpa_docs", "flex", "flash", "reference"),
          f"model.attention {m.attention!r} unknown; use auto, sdpa_docs, flex, flash or reference"),
+        (lambda: m.rope_scaling in ("none", "llama3"),
+         f"model.rope_scaling {m.rope_scaling!r} unknown; use none or llama3"),
+        (lambda: m.rope_scaling == "none" or (m.rope_factor > 0 and m.rope_high_freq_factor > m.rope_low_freq_factor
+                                              and m.rope_original_max_len > 0),
+         "llama3 rope scaling needs rope_factor > 0, rope_high_freq_factor > rope_low_freq_factor and "
+         "rope_original_max_len > 0"),
         (lambda: t.lr > 0, f"train.lr is {t.lr}; the learning rate must be positive"),
         (lambda: 0 <= t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must be between 0 and train.lr ({t.lr})"),
         (lambda: t.max_steps >= 1, f"train.max_steps is {t.max_steps}; it must be at least 1"),
@@ -221,6 +234,7 @@ def validate(cfg: Config) -> None:
         (lambda: t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
          f"train.device {t.device!r} unknown; use auto, cpu or cuda"),
         (lambda: t.dtype in ("auto", "float32", "bfloat16"), f"train.dtype {t.dtype!r} unknown; use auto, float32 or bfloat16"),
+        (lambda: d.row_tokens >= 0, f"data.row_tokens is {d.row_tokens}; use 0 (no cap) or a positive count"),
         (lambda: 0 <= d.val_fraction < 1, f"data.val_fraction is {d.val_fraction}; use a value in [0, 1)"),
         (lambda: d.tokens_per_step // t.grad_accum >= m.max_seq_len,
          f"data.tokens_per_step / train.grad_accum = {d.tokens_per_step // max(t.grad_accum, 1)} is smaller than "

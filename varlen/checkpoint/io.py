@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -51,17 +52,22 @@ def resolve(path: str | Path) -> Path:
                           f"train with `varlen train --out {path}` first")
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, cfg: Config, tokenizer_json: str,
+def write_model_files(directory: Path, model: torch.nn.Module, cfg: Config, tokenizer: TextTokenizer) -> None:
+    """model.safetensors + config.json + tokenizer files: everything sampling or serving needs."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+    (directory / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    tokenizer.save_dir(directory, cfg.model.max_seq_len)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, cfg: Config, tokenizer: TextTokenizer,
                     train_state: dict, keep_last: int) -> Path:
     """Write into a temp dir, then rename: a kill mid-write leaves the previous checkpoints intact."""
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
-    (tmp / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    (tmp / TOKENIZER).write_text(tokenizer_json)
+    write_model_files(tmp, model, cfg, tokenizer)
     torch.save(train_state, tmp / TRAIN_STATE)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -72,6 +78,24 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, cfg:
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_new_dir(out: str | Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temp dir beside `out`, then rename it to `out`: a failed write leaves nothing half-made."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"output directory {out} is not empty; pass a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def _unreadable(file: Path, err: Exception, ckpt: Path) -> CheckpointError:
@@ -90,7 +114,7 @@ def load_config(ckpt: Path) -> Config:
 
 def load_tokenizer(ckpt: Path) -> TextTokenizer:
     try:
-        return TextTokenizer.load(ckpt / TOKENIZER)
+        return TextTokenizer.load_dir(ckpt)
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         raise _unreadable(ckpt / TOKENIZER, e, ckpt) from None
 

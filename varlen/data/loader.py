@@ -26,6 +26,20 @@ class MicroBatch:
         return MicroBatch(self.ids.to(device), self.targets.to(device), self.batch.to(device))
 
 
+def step_layout(tokens_per_step: int, max_seq_len: int, grad_accum: int = 1, row_tokens: int = 0) -> tuple[int, int]:
+    """(rows per optimizer step, tokens per row) for a step of `tokens_per_step` tokens.
+
+    Rows are capped at `row_tokens` (never below max_seq_len, which one piece may fill) because one huge
+    row is slower than the same tokens as several accumulated rows on CPU: activations of a 64k-token row
+    leave the caches and page-fault on every layer.
+    """
+    rows = max(grad_accum, 1)
+    if row_tokens > 0:
+        cap = max(row_tokens, max_seq_len)
+        rows = max(rows, min(-(-tokens_per_step // cap), tokens_per_step // max_seq_len))
+    return rows, tokens_per_step // rows
+
+
 def make_micro(store: TokenStore, row: list[Piece]) -> MicroBatch:
     ids, targets, seqlens = materialize(row, store.doc)
     return MicroBatch(torch.from_numpy(ids), torch.from_numpy(targets), Batch.from_seqlens(seqlens))

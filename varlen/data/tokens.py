@@ -24,7 +24,7 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class TokenStore:
-    """Document i is tokens[offsets[i]:offsets[i+1]], framed as [EOD] + text ids + [EOD]."""
+    """Document i is tokens[offsets[i]:offsets[i+1]], framed as [BOS] + text ids + [EOD] (BOS = EOD for varlen's BPE)."""
     tokens: np.ndarray    # memmap, uint16 when the vocabulary fits, else uint32
     offsets: np.ndarray   # (n_docs + 1,) int64
     path: Path
@@ -73,11 +73,11 @@ def write_store(docs: Iterable[str], tokenizer: TextTokenizer, path: Path, batch
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
     offsets = [0]
-    eod = tokenizer.eod_id
+    bos, eod = tokenizer.bos_id, tokenizer.eod_id
     with open(tmp / "tokens.bin", "wb") as f:
         def flush(batch: list[str]) -> None:
             for ids in tokenizer.encode_batch(batch):
-                arr = np.asarray([eod, *ids, eod], dtype=dtype)
+                arr = np.asarray([bos, *ids, eod], dtype=dtype)
                 f.write(arr.tobytes())
                 offsets.append(offsets[-1] + len(arr))
         batch: list[str] = []
@@ -122,7 +122,7 @@ def prepare(corpus: Corpus, vocab_size: int, cache_dir: str | Path | None = None
         tmp = tok_path.with_suffix(".tmp")
         tokenizer.save(tmp)
         os.replace(tmp, tok_path)
-    store_path = cache / f"tokens-{_key(fp, tokenizer.to_json())}"
+    store_path = cache / f"tokens-{_key(fp, tokenizer.to_json(), f'{tokenizer.bos_id},{tokenizer.eod_id}')}"
     if (store_path / "meta.json").is_file():
         return tokenizer, TokenStore.open(store_path)
     log(f"tokenizing corpus {corpus.spec} -> {store_path} ...")

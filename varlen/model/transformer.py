@@ -29,9 +29,26 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(head_dim/2,) inverse frequencies; llama3 scaling stretches the low frequencies as Llama 3.1 does."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
+    if cfg.rope_scaling != "llama3":
+        return inv_freq
+    factor, low, high, old_len = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                                  cfg.rope_original_max_len)
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths (beyond the original context) are slowed by `factor`, short ones kept, and the band
+    # between interpolated smoothly: Meta's formula, as transformers' _compute_llama3_parameters has it.
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(T,) positions -> cos, sin of shape (T, head_dim), float32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
     return emb.cos(), emb.sin()
@@ -119,7 +136,7 @@ class Transformer(nn.Module):
     def hidden_states(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         """ids (T,) -> final normalised hidden states (T, dim)."""
         attend = get_attention(choose_backend(self.attention_backend, ids.device))
-        cos, sin = rope_cos_sin(batch.positions, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = rope_cos_sin(batch.positions, rope_inv_freq(self.cfg, ids.device))
         x = self.embed_tokens(ids)  # (T, dim)
         for layer in self.layers:
             x = layer(x, cos, sin, batch, attend)

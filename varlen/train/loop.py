@@ -6,6 +6,7 @@ one by one, whatever the packing or the gradient accumulation.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -20,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..checkpoint import io
+from ..checkpoint import io, load_model
 from ..config import Config, ConfigError, save_json
 from ..data.corpus import Corpus
-from ..data.loader import MicroBatch, PackedLoader, validation_micros
+from ..data.loader import MicroBatch, PackedLoader, step_layout, validation_micros
 from ..data.tokenizer import TextTokenizer
 from ..data.tokens import TokenStore, prepare, split_documents
 from ..model.attention import choose_backend
@@ -101,17 +102,30 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
         raise ConfigError(f"run dir '{run_dir}' already has checkpoints; pass --resume {run_dir} to continue "
                          f"it or --out a new directory")
     corpus = Corpus(cfg.data.corpus, cfg.data.glob, cfg.data.field, cfg.data.skip_bad, cfg.data.max_docs)
-    tokenizer = io.load_tokenizer(ckpt) if ckpt else None
+    init = None
+    if cfg.train.init_from and ckpt is None:
+        # The architecture and tokenizer come with the weights; piece length and backend stay the run's.
+        init, init_cfg, tokenizer = load_model(cfg.train.init_from)
+        cfg.model = dataclasses.replace(init_cfg.model, max_seq_len=cfg.model.max_seq_len,
+                                        attention=cfg.model.attention)
+        log(f"initialising from {cfg.train.init_from} ({init.num_params() / 1e6:.2f}M parameters)")
+    else:
+        tokenizer = io.load_tokenizer(ckpt) if ckpt else None
     tokenizer, store = prepare(corpus, cfg.model.vocab_size, cfg.data.cache_dir or None, log=log,
                                tokenizer=tokenizer)
-    cfg.model.vocab_size = tokenizer.vocab_size  # a small corpus can give fewer merges than asked for
+    if init is None and ckpt is None:
+        cfg.model.vocab_size = tokenizer.vocab_size  # a small corpus can give fewer merges than asked for
     train_ids, val_ids = split_documents(store.num_docs, cfg.data.val_fraction)
-    capacity = cfg.data.tokens_per_step // cfg.train.grad_accum
-    loader = PackedLoader(store, train_ids, capacity, cfg.model.max_seq_len, cfg.train.seed, cfg.train.grad_accum)
+    rows, capacity = step_layout(cfg.data.tokens_per_step, cfg.model.max_seq_len, cfg.train.grad_accum,
+                                 cfg.data.row_tokens)
+    loader = PackedLoader(store, train_ids, capacity, cfg.model.max_seq_len, cfg.train.seed, rows)
     val = validation_micros(store, val_ids, capacity, cfg.model.max_seq_len, cfg.train.eval_tokens)
 
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model).to(device)
+    model = Transformer(cfg.model)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    model = model.to(device)
     optimizer = make_optimizer(model, cfg.train)
     start_step = 0
     if ckpt is not None:
@@ -129,7 +143,7 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / METRICS).unlink(missing_ok=True)
     save_json(cfg, run_dir / "config.json")
-    tokenizer.save(run_dir / "tokenizer.json")
+    tokenizer.save_dir(run_dir, cfg.model.max_seq_len)
 
     entropy = unigram_entropy(store, train_ids)
     info = {
@@ -210,7 +224,7 @@ def save(run: Run, step: int) -> Path:
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state()
     state = {"step": step, "optimizer": run.optimizer.state_dict(), "loader": run.loader.state_dict(), "rng": rng}
-    return io.save_checkpoint(run.run_dir, step, run.model, run.cfg, run.tokenizer.to_json(), state,
+    return io.save_checkpoint(run.run_dir, step, run.model, run.cfg, run.tokenizer, state,
                               run.cfg.train.keep_last)
 
 

@@ -18,8 +18,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch) -
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if len(batch.seqlens) == 1:
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
-        return out.transpose(0, 1)  # (T, H, D)
+        # Always 4-D: given 3-D (H, T, D) inputs, CPU SDPA falls back to the math kernel, which builds the
+        # whole (T, T) score matrix and is ~5x slower at T=4096 (measured with torch 2.13).
+        out = F.scaled_dot_product_attention(q[None].transpose(1, 2), k[None].transpose(1, 2),
+                                             v[None].transpose(1, 2), is_causal=True)
+        return out.transpose(1, 2)[0]  # (T, H, D)
     perm, groups = batch.length_groups()
     qp, kp, vp = q[perm], k[perm], v[perm]
     outs, off = [], 0
