@@ -71,3 +71,24 @@ class Batch:
     def inverse_perm(self) -> torch.Tensor:
         self.length_groups()
         return self._plan["groups"][1]
+
+
+@dataclass
+class PagedBatch(Batch):
+    """A serving step: new tokens of several sequences, whose keys and values live in a paged cache.
+
+    Sequence i contributes seqlens[i] new tokens (a prefill chunk or one decode token) at the end of a
+    context of context_lens[i] tokens. slot_mapping (T,) says where each new token's K/V is written;
+    context_slots (sum of context_lens,) lists every context token's cache slot, sequence after sequence,
+    so a layer gathers all contexts in one indexing op.
+    k_cache / v_cache: one (num_slots, Hkv, D) tensor per layer; layer_view(i) picks layer i's.
+    """
+    context_lens: list[int] = field(default_factory=list)
+    slot_mapping: torch.Tensor | None = None
+    context_slots: torch.Tensor | None = None
+    k_cache: list | torch.Tensor | None = None
+    v_cache: list | torch.Tensor | None = None
+
+    def layer_view(self, layer: int) -> "PagedBatch":
+        return PagedBatch(self.cu_seqlens, self.positions, self.max_seqlen, self._plan, self.context_lens,
+                          self.slot_mapping, self.context_slots, self.k_cache[layer], self.v_cache[layer])

@@ -1,4 +1,4 @@
-"""The `varlen` command: train | sample | convert | data stats | plot.
+"""The `varlen` command: train | sample | serve | generate | convert | data stats | plot.
 
 Any config field can be set as `--section.field VALUE` after the subcommand's own options.
 Errors in the user's input print one line naming the input and the fix, and exit with code 2.
@@ -12,8 +12,9 @@ from pathlib import Path
 from .checkpoint.io import CheckpointError
 from .config import ConfigError
 from .data.corpus import CorpusError
+from .serve.request import RequestError
 
-USER_ERRORS = (ConfigError, CorpusError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CorpusError, CheckpointError, RequestError, FileNotFoundError)
 
 
 def _split_overrides(extra: list[str]) -> dict[str, str]:
@@ -128,6 +129,74 @@ def cmd_convert(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def _serve_config(args: argparse.Namespace):
+    from .config import ServeConfig
+    cfg = ServeConfig(block_size=args.block_size, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
+                      max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                      max_waiting=args.max_waiting)
+    checks = [(cfg.block_size >= 1, "--block-size must be at least 1"),
+              (cfg.kv_cache_gib > 0, "--kv-cache-gib must be positive"),
+              (cfg.max_num_seqs >= 1, "--max-num-seqs must be at least 1"),
+              (cfg.max_num_batched_tokens >= 1, "--max-num-batched-tokens must be at least 1"),
+              (cfg.max_model_len >= 0, "--max-model-len must be 0 (the model's) or positive"),
+              (cfg.max_waiting >= 1, "--max-waiting must be at least 1")]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    return cfg
+
+
+def cmd_serve(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from .checkpoint import hf_llama, io
+    from .serve.server import serve
+
+    if overrides:
+        raise ConfigError(f"varlen serve takes no config fields (got --{next(iter(overrides))})")
+    if not hf_llama.is_hf_dir(args.run_dir):
+        io.resolve(args.run_dir)  # a missing or empty directory fails here, before the port opens
+    keys = list(args.api_key or [])
+    if args.api_key_file:
+        path = Path(args.api_key_file)
+        if not path.is_file():
+            raise ConfigError(f"--api-key-file {path} not found; pass a file with one key per line")
+        keys += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    serve(args.run_dir, args.host, args.port, keys, _serve_config(args), args.name, args.log_level)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    import json
+
+    from .serve.engine import LLM
+    from .serve.request import SamplingParams
+
+    if overrides:
+        raise ConfigError(f"varlen generate takes no config fields (got --{next(iter(overrides))})")
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise ConfigError(f"--prompts-file {path} not found; pass a JSONL file with one {{\"prompt\": ...}} per line")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompts.append(row["prompt"] if isinstance(row, dict) else row)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConfigError(f"{path}:{n} is not a JSON object with a \"prompt\" field") from None
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+    llm = LLM(args.run_dir, _serve_config(args))
+    try:
+        results = llm.generate(prompts, params, progress=not args.no_progress)
+    except RequestError as e:
+        raise RequestError(f"{path}: {e}") from None
+    for prompt, [c] in zip(prompts, results):
+        sys.stdout.write(json.dumps({"prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
+                                     "completion_tokens": len(c.token_ids)}) + "\n")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from .plots import plot_loss
     print(plot_loss(args.run_dir))
@@ -171,6 +240,37 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--cache-dir", default="")
     ds.add_argument("--plot", default="lengths.png", help="histogram file (default: lengths.png)")
     ds.set_defaults(fn=cmd_data_stats)
+
+    def engine_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--kv-cache-gib", type=float, default=0.5, help="memory for the paged KV cache (GiB)")
+        sp.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+        sp.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
+        sp.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per forward")
+        sp.add_argument("--max-model-len", type=int, default=0, help="prompt + output limit (0 = the model's)")
+        sp.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    sv.add_argument("run_dir", help="varlen run or checkpoint directory, or a Hugging Face Llama directory")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", action="append", help="required bearer key for /v1/* (repeatable)")
+    sv.add_argument("--api-key-file", help="file with one accepted key per line")
+    sv.add_argument("--name", help="model name in the API (default: the directory's name)")
+    sv.add_argument("--log-level", default="warning")
+    engine_options(sv)
+    sv.set_defaults(fn=cmd_serve)
+
+    g = sub.add_parser("generate", help="offline batch generation from a JSONL file of prompts")
+    g.add_argument("run_dir")
+    g.add_argument("--prompts-file", required=True, help='JSONL, one {"prompt": "..."} per line')
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-progress", action="store_true")
+    engine_options(g)
+    g.set_defaults(fn=cmd_generate)
 
     c = sub.add_parser("convert", help="convert checkpoints to or from Hugging Face Llama directories")
     way = c.add_mutually_exclusive_group(required=True)

@@ -85,6 +85,20 @@ class TrainConfig:
 
 
 @dataclass
+class ServeConfig:
+    block_size: int = 16                # tokens per KV-cache block
+    kv_cache_gib: float = 0.5           # memory budget for the paged KV cache
+    max_num_seqs: int = 32              # sequences running at once
+    max_num_batched_tokens: int = 512   # tokens per forward: decodes first, then prefill chunks
+    max_model_len: int = 0              # prompt + output limit; 0 = the model's max_seq_len
+    prefix_caching: bool = True         # reuse the cache blocks of identical prompt prefixes
+    max_waiting: int = 256              # queued requests before new ones are refused (HTTP 429)
+    max_n: int = 8                      # completions per request
+    max_stop: int = 4                   # stop strings per request
+    max_logprobs: int = 5               # top alternatives per token
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

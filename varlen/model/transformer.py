@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..batch import Batch
+from ..batch import Batch, PagedBatch
 from ..config import ModelConfig
 from .attention import choose_backend, get_attention
+from .attention.paged import attention as paged_attention
 
 
 class RMSNorm(nn.Module):
@@ -134,17 +135,20 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def hidden_states(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """ids (T,) -> final normalised hidden states (T, dim)."""
-        attend = get_attention(choose_backend(self.attention_backend, ids.device))
+        """ids (T,) -> final normalised hidden states (T, dim). A PagedBatch reads and writes its KV cache."""
+        paged = isinstance(batch, PagedBatch)
+        attend = paged_attention if paged else get_attention(choose_backend(self.attention_backend, ids.device))
         cos, sin = rope_cos_sin(batch.positions, rope_inv_freq(self.cfg, ids.device))
         x = self.embed_tokens(ids)  # (T, dim)
-        for layer in self.layers:
-            x = layer(x, cos, sin, batch, attend)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, batch.layer_view(i) if paged else batch, attend)
         return self.norm(x)
 
-    def forward(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """ids (T,) packed tokens described by `batch` -> logits (T, vocab)."""
-        return F.linear(self.hidden_states(ids, batch), self.output_weight())
+    def forward(self, ids: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (T,) packed tokens described by `batch` -> logits (T, vocab), or only at `rows` (serving needs
+        just each sequence's last position, and the vocab projection is the largest matmul)."""
+        h = self.hidden_states(ids, batch)
+        return F.linear(h if rows is None else h[rows], self.output_weight())
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: float) -> float:

@@ -1,0 +1,1 @@
+"""Serving: continuous batching over a paged KV cache (request -> scheduler -> runner -> sampler -> output)."""
