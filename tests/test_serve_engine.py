@@ -166,3 +166,23 @@ def test_empty_and_overlong_prompts_are_refused(model, tokenizer):
         eng.add_request([1] * 300, SamplingParams(max_tokens=1))
     with pytest.raises(RequestError, match="token ids"):
         eng.add_request([1, 99999], SamplingParams())
+
+
+def test_cli_generate_writes_one_json_line_per_prompt(tmp_path, model, tokenizer, capsys):
+    import json
+
+    from varlen.checkpoint.hf_llama import save_varlen
+    from varlen.cli import main as cli_main
+    from varlen.config import Config
+
+    ckpt = save_varlen(model, Config(model=CFG), tokenizer, tmp_path / "m")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "def f():"}\n\n{"prompt": "import sys"}\n{"prompt": "class A:"}\n')
+    assert cli_main(["generate", str(ckpt), "--prompts-file", str(prompts), "--max-tokens", "6", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["def f():", "import sys", "class A:"]
+    [[want]] = Engine(model, tokenizer, ServeConfig(kv_cache_gib=0.01)).generate(["import sys"], SamplingParams(max_tokens=6, temperature=0))
+    assert rows[1]["text"] == want.text and rows[1]["completion_tokens"] <= 6
+    prompts.write_text('{"prompt": "x"}\nnot json\n')
+    assert cli_main(["generate", str(ckpt), "--prompts-file", str(prompts), "--no-progress"]) == 2
+    assert f"{prompts}:2" in capsys.readouterr().err

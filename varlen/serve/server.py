@@ -77,7 +77,7 @@ def sampling_from(body: dict, cfg: ServeConfig, max_len: int) -> SamplingParams:
         temperature=float(_field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "must be in [0, 2]")),
         top_p=float(_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "must be in (0, 1]")),
         top_k=_field(body, "top_k", (int,), 0, lambda v: v >= 0, "must be >= 0"),
-        seed=_field(body, "seed", (int,), None),
+        seed=_field(body, "seed", (int,), None, lambda v: 0 <= v < 2 ** 63, "must be in [0, 2**63)"),
         n=_field(body, "n", (int,), 1, lambda v: 1 <= v <= cfg.max_n, f"must be between 1 and {cfg.max_n}"),
         stop=stop or [], logprobs=logprobs,
         ignore_eos=_field(body, "ignore_eos", (bool,), False),
