@@ -121,6 +121,12 @@ LATE_CASES = [
     pytest.param(["--model.dim", "1e999"], ["model.dim", "1e999"]),
     pytest.param(["--train.threads", "-1"], ["train.threads"]),
     pytest.param(["--train.lr", "inf"], ["train.lr", "inf"]),
+    pytest.param(["--data.batching", "shuffle"], ["data.batching", "concat_chunk"]),
+    pytest.param(["--data.batching", "dd", "--data.dd_lo", "5", "--data.dd_hi", "3"], ["data.dd_lo", "dd_hi"]),
+    pytest.param(["--data.batching", "dd", "--data.curriculum", "random"], ["data.curriculum", "grow_p2"]),
+    pytest.param(["--data.batching", "dd", "--data.dd_hi", "20"], ["data.dd_hi", "max_seq_len"]),
+    pytest.param(["--data.batching", "dd", "--model.max_seq_len", "512", "--data.tokens_per_step", "1000"],
+                 ["data.tokens_per_step", "multiple"]),
 ]
 
 

@@ -112,9 +112,10 @@ def _losses(run):
     return {r["step"]: (r["loss"], r.get("val_loss")) for r in rows}, [r["step"] for r in rows]
 
 
-def test_sigkilled_run_resumes_bitwise(tmp_path):
+@pytest.mark.parametrize("batching", ["pack", "dd"])
+def test_sigkilled_run_resumes_bitwise(tmp_path, batching):
     corpus = python_corpus(tmp_path / "corpus")
-    common = ["--corpus", str(corpus), "--data.glob", "*.py", "--no-progress", *TINY,
+    common = ["--corpus", str(corpus), "--data.glob", "*.py", "--no-progress", *TINY, "--data.batching", batching,
               "--train.max_steps", "60", "--train.ckpt_every", "5", "--train.eval_every", "10",
               "--train.keep_last", "3"]
     full = tmp_path / "full"

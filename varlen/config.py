@@ -55,6 +55,12 @@ class DataConfig:
     skip_bad: bool = False       # skip (and count) JSONL lines that are not JSON or lack the field
     tokens_per_step: int = 4096  # input tokens per optimizer step (split over grad_accum micro-steps)
     row_tokens: int = 4096       # longest packed row (never below max_seq_len); bigger steps accumulate (0 = no cap)
+    batching: str = "pack"       # pack | dd (Dataset Decomposition) | concat_chunk (baseline) | pad
+    dd_lo: int = 5               # dd: smallest bucket 2^lo tokens; shorter leftovers dropped (or kept)
+    dd_hi: int = 0               # dd: largest bucket 2^hi; 0 = the largest power of two <= max_seq_len
+    dd_keep_short: bool = False  # dd: keep leftovers shorter than 2^lo in the smallest bucket
+    curriculum: str = "grow_p2"  # dd: uniform | grow_p2 | shortest_first | cyclic
+    dd_cycles: int = 1           # dd: grow_p2 repeats its short-to-long sweep this many times per epoch
     val_fraction: float = 0.02   # share of documents held out for validation, chosen by seed
     cache_dir: str = ""          # tokenizer + token store cache; "" = $VARLEN_CACHE or ~/.cache/varlen
     max_docs: int = 0            # read only the first N documents (0 = all); handy for quick runs
@@ -248,6 +254,19 @@ def validate(cfg: Config) -> None:
         (lambda: t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
          f"train.device {t.device!r} unknown; use auto, cpu or cuda"),
         (lambda: t.dtype in ("auto", "float32", "bfloat16"), f"train.dtype {t.dtype!r} unknown; use auto, float32 or bfloat16"),
+        (lambda: d.batching in ("pack", "dd", "concat_chunk", "pad"),
+         f"data.batching {d.batching!r} unknown; use pack, dd, concat_chunk or pad"),
+        (lambda: d.curriculum in ("uniform", "grow_p2", "shortest_first", "cyclic"),
+         f"data.curriculum {d.curriculum!r} unknown; use uniform, grow_p2, shortest_first or cyclic"),
+        (lambda: 0 <= d.dd_lo and (d.dd_hi == 0 or d.dd_lo <= d.dd_hi),
+         f"data.dd_lo ({d.dd_lo}) and data.dd_hi ({d.dd_hi}) need 0 <= dd_lo <= dd_hi; buckets are 2^lo..2^hi"),
+        (lambda: d.dd_hi == 0 or 2 ** d.dd_hi <= m.max_seq_len,
+         f"data.dd_hi ({d.dd_hi}) makes buckets of {2 ** min(d.dd_hi, 62)} tokens, longer than model.max_seq_len "
+         f"({m.max_seq_len}); lower it"),
+        (lambda: d.batching != "dd" or d.tokens_per_step % 2 ** (d.dd_hi or m.max_seq_len.bit_length() - 1) == 0,
+         f"data.tokens_per_step ({d.tokens_per_step}) must be a multiple of the largest dd bucket "
+         f"(2^{d.dd_hi or m.max_seq_len.bit_length() - 1}) so every step holds the same tokens"),
+        (lambda: d.dd_cycles >= 1, f"data.dd_cycles is {d.dd_cycles}; it must be at least 1"),
         (lambda: d.row_tokens >= 0, f"data.row_tokens is {d.row_tokens}; use 0 (no cap) or a positive count"),
         (lambda: 0 <= d.val_fraction < 1, f"data.val_fraction is {d.val_fraction}; use a value in [0, 1)"),
         (lambda: d.tokens_per_step // t.grad_accum >= m.max_seq_len,

@@ -7,9 +7,14 @@ import numpy as np
 import torch
 
 from ..batch import Batch
-from .pack import Piece, cut_pieces, fill_ratio, materialize, pack_epoch
+from ..config import DataConfig
+from .decompose import bucket_steps, check_range, decompose, schedule, step_chunks
+from .pack import Piece, cut_pieces, materialize, pack_epoch
 from .corpus import CorpusError
 from .tokens import TokenStore
+
+
+IGNORE = -100  # target of a padding position: no loss
 
 
 @dataclass
@@ -20,7 +25,8 @@ class MicroBatch:
 
     @property
     def num_targets(self) -> int:
-        return int(self.targets.numel())
+        """Positions with a loss (padding has none)."""
+        return int((self.targets != IGNORE).sum())
 
     def to(self, device: torch.device | str) -> "MicroBatch":
         return MicroBatch(self.ids.to(device), self.targets.to(device), self.batch.to(device))
@@ -45,55 +51,226 @@ def make_micro(store: TokenStore, row: list[Piece]) -> MicroBatch:
     return MicroBatch(torch.from_numpy(ids), torch.from_numpy(targets), Batch.from_seqlens(seqlens))
 
 
-class PackedLoader:
-    """Rows of at most `capacity` tokens; `grad_accum` rows make one optimizer step.
+class StepLoader:
+    """Optimizer steps, each a list of micro-batches, planned one epoch at a time from seed + epoch alone,
+    so (epoch, step) pins the data position for exact resume. Subclasses say how an epoch is cut."""
 
-    Epoch e is packed from seed + e, so (epoch, step) alone pins the data position for exact resume.
-    Rows left over at the end of an epoch (fewer than grad_accum) are dropped for that epoch only.
-    """
-
-    def __init__(self, store: TokenStore, doc_ids: np.ndarray, capacity: int, max_seq_len: int,
-                 seed: int, grad_accum: int = 1):
-        self.store, self.capacity, self.seed, self.grad_accum = store, capacity, seed, grad_accum
-        self.pieces = cut_pieces(doc_ids, store.lengths[doc_ids], max_seq_len)
-        if not self.pieces:
-            raise CorpusError("the training split has no documents with at least two tokens")
+    def __init__(self, store: TokenStore, seed: int):
+        self.store, self.seed = store, seed
         self.epoch, self.step = 0, 0
-        self._rows: list[list[Piece]] | None = None
-        if self.steps_per_epoch < 1:
-            raise CorpusError(f"the training split holds {sum(p.length for p in self.pieces)} tokens, too few to "
-                             f"fill one step of {grad_accum} x {capacity}; lower --data.tokens_per_step")
+        self._plan: list[list] | None = None
 
-    def rows(self) -> list[list[Piece]]:
-        if self._rows is None:
-            self._rows = pack_epoch(self.pieces, self.capacity, self.seed + self.epoch)
-        return self._rows
+    def plan_epoch(self, epoch: int) -> list[list]:
+        """Steps of the epoch; each a list of micro-batch specs that make_batch turns into tensors."""
+        raise NotImplementedError
+
+    def make_batch(self, spec) -> MicroBatch:
+        raise NotImplementedError
+
+    def plan(self) -> list[list]:
+        if self._plan is None:
+            self._plan = self.plan_epoch(self.epoch)
+        return self._plan
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.rows()) // self.grad_accum
+        return len(self.plan())
+
+    def _check_fills_a_step(self, what: str) -> None:
+        if self.steps_per_epoch < 1:
+            raise CorpusError(f"the training split is too small to fill one optimizer step of {what}; lower "
+                              f"--data.tokens_per_step or use a bigger corpus")
 
     def fill_ratio(self) -> float:
-        rows = self.rows()
-        lengths = [p.length for r in rows for p in r]
-        idx, k = [], 0
-        for r in rows:
-            idx.append(list(range(k, k + len(r))))
-            k += len(r)
-        return fill_ratio(idx, lengths, self.capacity)
+        """Useful (target) tokens over computed tokens in the first epoch's steps."""
+        useful = computed = 0
+        for step in self.plan()[:200]:
+            for spec in step:
+                m = self.make_batch(spec)
+                useful += m.num_targets
+                computed += int(m.targets.numel())
+        return useful / max(computed, 1)
 
     def next_step(self) -> list[MicroBatch]:
         if self.step >= self.steps_per_epoch:
-            self.epoch, self.step, self._rows = self.epoch + 1, 0, None
-        rows = self.rows()[self.step * self.grad_accum:(self.step + 1) * self.grad_accum]
+            self.epoch, self.step, self._plan = self.epoch + 1, 0, None
+        specs = self.plan()[self.step]
         self.step += 1
-        return [make_micro(self.store, r) for r in rows]
+        return [self.make_batch(s) for s in specs]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.step, self._rows = int(state["epoch"]), int(state["step"]), None
+        self.epoch, self.step, self._plan = int(state["epoch"]), int(state["step"]), None
+
+
+class PackedLoader(StepLoader):
+    """Rows of at most `capacity` tokens packed best-fit; `grad_accum` rows make one optimizer step.
+    Rows left over at the end of an epoch (fewer than grad_accum) are dropped for that epoch only."""
+
+    def __init__(self, store: TokenStore, doc_ids: np.ndarray, capacity: int, max_seq_len: int,
+                 seed: int, grad_accum: int = 1):
+        super().__init__(store, seed)
+        self.capacity, self.grad_accum = capacity, grad_accum
+        self.pieces = cut_pieces(doc_ids, store.lengths[doc_ids], max_seq_len)
+        if not self.pieces:
+            raise CorpusError("the training split has no documents with at least two tokens")
+        self._check_fills_a_step(f"{grad_accum} x {capacity} tokens")
+
+    def plan_epoch(self, epoch: int) -> list[list]:
+        rows = pack_epoch(self.pieces, self.capacity, self.seed + epoch)
+        g = self.grad_accum
+        return [rows[i * g:(i + 1) * g] for i in range(len(rows) // g)]
+
+    def make_batch(self, spec: list[Piece]) -> MicroBatch:
+        return make_micro(self.store, spec)
+
+    def fill_ratio(self) -> float:  # rows hold no padding: the share of each row's capacity in use
+        rows = [r for step in self.plan() for r in step]
+        return sum(p.length for r in rows for p in r) / max(len(rows) * self.capacity, 1)
+
+
+class DDLoader(StepLoader):
+    """Dataset Decomposition: each step draws one bucket (the curriculum's choice, the same on every
+    rank) and takes tokens_per_step / 2^i of its chunks, run as rows of at most `capacity` tokens."""
+
+    def __init__(self, store: TokenStore, doc_ids: np.ndarray, tokens_per_step: int, capacity: int, seed: int,
+                 lo: int, hi: int, curriculum: str, cycles: int = 1, keep_short: bool = False):
+        super().__init__(store, seed)
+        check_range(lo, hi, tokens_per_step)
+        self.tokens_per_step, self.capacity = tokens_per_step, max(capacity, 2 ** hi)
+        self.curriculum, self.cycles = curriculum, cycles
+        self.dec = decompose(doc_ids, store.lengths[doc_ids], lo, hi, keep_short)
+        self.steps = bucket_steps(self.dec, tokens_per_step)
+        schedule({}, curriculum, 0, cycles)  # a bad curriculum or cycle count fails here, not mid-run
+        self._check_fills_a_step(f"{tokens_per_step} tokens from one bucket")
+
+    def plan_epoch(self, epoch: int) -> list[list]:
+        order = schedule(self.steps, self.curriculum, self.seed + epoch, self.cycles)
+        steps = []
+        for chunks in step_chunks(self.dec, order, self.tokens_per_step, self.seed + epoch):
+            rows, row, used = [], [], 0
+            for c in chunks:
+                if used + c.length > self.capacity:
+                    rows.append(row)
+                    row, used = [], 0
+                row.append(c)
+                used += c.length
+            steps.append(rows + [row])
+        return steps
+
+    def make_batch(self, spec: list[Piece]) -> MicroBatch:
+        return make_micro(self.store, spec)
+
+
+class ConcatChunkLoader(StepLoader):
+    """The usual baseline: the epoch's documents concatenated in a shuffled order and cut into windows of
+    max_seq_len, attended as one causal sequence each, across document boundaries."""
+
+    def __init__(self, store: TokenStore, doc_ids: np.ndarray, tokens_per_step: int, capacity: int,
+                 max_seq_len: int, seed: int):
+        super().__init__(store, seed)
+        self.doc_ids, self.max_seq_len = np.asarray(doc_ids), max_seq_len
+        self.per_step = max(1, tokens_per_step // max_seq_len)
+        self.per_row = max(1, capacity // max_seq_len)
+        self._stream: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._check_fills_a_step(f"{self.per_step} windows of {max_seq_len} tokens")
+
+    def _epoch_stream(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._stream is None or self._stream[0] != epoch:
+            order = self.doc_ids[np.random.default_rng(self.seed + epoch).permutation(len(self.doc_ids))]
+            starts = np.concatenate([[0], np.cumsum(self.store.lengths[order])])
+            self._stream = (epoch, order, starts)
+        return self._stream[1], self._stream[2]
+
+    def plan_epoch(self, epoch: int) -> list[list]:
+        _, starts = self._epoch_stream(epoch)
+        n_windows = (int(starts[-1]) - 1) // self.max_seq_len
+        windows = [(epoch, w * self.max_seq_len) for w in range(n_windows)]
+        steps = [windows[i * self.per_step:(i + 1) * self.per_step] for i in range(n_windows // self.per_step)]
+        return [[s[j:j + self.per_row] for j in range(0, len(s), self.per_row)] for s in steps]
+
+    def _tokens(self, epoch: int, start: int, n: int) -> np.ndarray:
+        order, starts = self._epoch_stream(epoch)
+        out, k = [], int(np.searchsorted(starts, start, side="right")) - 1
+        while n > 0:
+            d = self.store.doc(int(order[k]))
+            piece = d[start - int(starts[k]):][:n]
+            out.append(piece)
+            n -= len(piece)
+            start += len(piece)
+            k += 1
+        return np.concatenate(out).astype(np.int64)
+
+    def make_batch(self, spec: list[tuple[int, int]]) -> MicroBatch:
+        L = self.max_seq_len
+        windows = [self._tokens(epoch, start, L + 1) for epoch, start in spec]
+        ids = np.concatenate([w[:-1] for w in windows])
+        targets = np.concatenate([w[1:] for w in windows])
+        return MicroBatch(torch.from_numpy(ids), torch.from_numpy(targets), Batch.from_seqlens([L] * len(windows)))
+
+
+class PadLoader(StepLoader):
+    """Pad-to-longest: pieces in a shuffled order, as many per step as fit tokens_per_step useful tokens,
+    each micro-batch padded to its longest piece (pad positions carry no loss)."""
+
+    def __init__(self, store: TokenStore, doc_ids: np.ndarray, tokens_per_step: int, capacity: int,
+                 max_seq_len: int, seed: int):
+        super().__init__(store, seed)
+        self.tokens_per_step, self.capacity = tokens_per_step, capacity
+        self.pieces = cut_pieces(doc_ids, store.lengths[doc_ids], max_seq_len)
+        self._check_fills_a_step(f"{tokens_per_step} tokens")
+
+    def plan_epoch(self, epoch: int) -> list[list]:
+        order = np.random.default_rng(self.seed + epoch).permutation(len(self.pieces))
+        steps, step, used = [], [], 0
+        for i in order:
+            p = self.pieces[i]
+            if used + p.length > self.tokens_per_step and step:
+                steps.append(step)
+                step, used = [], 0
+            step.append(p)
+            used += p.length
+        return [self._rows(s) for s in steps]  # the epoch's last, partial step is dropped
+
+    def _rows(self, step: list[Piece]) -> list[list[Piece]]:
+        """Micro-batches of at most `capacity` padded tokens, in step order."""
+        rows, row = [], []
+        for p in step:
+            longest = max([q.length for q in row] + [p.length])
+            if row and longest * (len(row) + 1) > self.capacity:
+                rows.append(row)
+                row = []
+            row.append(p)
+        return rows + [row]
+
+    def make_batch(self, spec: list[Piece]) -> MicroBatch:
+        L = max(p.length for p in spec)
+        ids = np.full(L * len(spec), self.store.doc(spec[0].doc)[0], dtype=np.int64)  # a frame token as pad
+        targets = np.full(L * len(spec), IGNORE, dtype=np.int64)
+        for k, p in enumerate(spec):
+            d = self.store.doc(p.doc)
+            ids[k * L:k * L + p.length] = d[p.start:p.start + p.length]
+            targets[k * L:k * L + p.length] = d[p.start + 1:p.start + p.length + 1]
+        return MicroBatch(torch.from_numpy(ids), torch.from_numpy(targets), Batch.from_seqlens([L] * len(spec)))
+
+
+def make_loader(data: DataConfig, max_seq_len: int, grad_accum: int, store: TokenStore, doc_ids: np.ndarray,
+                seed: int) -> StepLoader:
+    """The training loader that --data.batching names, each over the same documents and tokens per step."""
+    rows, capacity = step_layout(data.tokens_per_step, max_seq_len, grad_accum, data.row_tokens)
+    if data.batching == "pack":
+        return PackedLoader(store, doc_ids, capacity, max_seq_len, seed, rows)
+    if data.batching == "dd":
+        hi = data.dd_hi or max_seq_len.bit_length() - 1
+        return DDLoader(store, doc_ids, data.tokens_per_step, capacity, seed, data.dd_lo, hi, data.curriculum,
+                        data.dd_cycles, data.dd_keep_short)
+    if data.batching == "concat_chunk":
+        return ConcatChunkLoader(store, doc_ids, data.tokens_per_step, capacity, max_seq_len, seed)
+    if data.batching == "pad":
+        return PadLoader(store, doc_ids, data.tokens_per_step, capacity, max_seq_len, seed)
+    raise ValueError(f"data.batching {data.batching!r} unknown; use pack, dd, concat_chunk or pad")
 
 
 def validation_micros(store: TokenStore, doc_ids: np.ndarray, capacity: int, max_seq_len: int,

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..checkpoint import io, load_model
 from ..config import Config, ConfigError, save_json
 from ..data.corpus import Corpus
-from ..data.loader import MicroBatch, PackedLoader, step_layout, validation_micros
+from ..data.loader import MicroBatch, StepLoader, make_loader, step_layout, validation_micros
 from ..data.tokenizer import TextTokenizer
 from ..data.tokens import TokenStore, prepare, split_documents
 from ..model.attention import choose_backend
@@ -85,7 +85,7 @@ class Run:
     model: Transformer
     step_model: torch.nn.Module   # the compiled wrapper when train.compile, else the model itself
     optimizer: torch.optim.Optimizer
-    loader: PackedLoader
+    loader: StepLoader
     val: list[MicroBatch]
     tokenizer: TextTokenizer
     start_step: int
@@ -116,9 +116,12 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
     if init is None and ckpt is None:
         cfg.model.vocab_size = tokenizer.vocab_size  # a small corpus can give fewer merges than asked for
     train_ids, val_ids = split_documents(store.num_docs, cfg.data.val_fraction)
-    rows, capacity = step_layout(cfg.data.tokens_per_step, cfg.model.max_seq_len, cfg.train.grad_accum,
-                                 cfg.data.row_tokens)
-    loader = PackedLoader(store, train_ids, capacity, cfg.model.max_seq_len, cfg.train.seed, rows)
+    _, capacity = step_layout(cfg.data.tokens_per_step, cfg.model.max_seq_len, cfg.train.grad_accum,
+                              cfg.data.row_tokens)
+    try:
+        loader = make_loader(cfg.data, cfg.model.max_seq_len, cfg.train.grad_accum, store, train_ids, cfg.train.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     val = validation_micros(store, val_ids, capacity, cfg.model.max_seq_len, cfg.train.eval_tokens)
 
     torch.manual_seed(cfg.train.seed)
