@@ -47,7 +47,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: identity, not field-by-field, in queues and `in` checks
 class Request:
     """One sequence being generated. Tokens [0, num_computed) have K/V in the cache; the model still has to
     run tokens [num_computed, num_tokens), and only once it reaches num_tokens is a new token sampled."""
