@@ -29,11 +29,9 @@ varlen directory and a HF directory, and every method (one fresh process each) l
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing as mp
 import os
-import platform
 import queue
 import resource
 import shutil
@@ -51,6 +49,7 @@ import numpy as np
 import psutil
 import torch
 
+from machine import machine_info
 from varlen.config import Config, ModelConfig, ServeConfig
 
 METHODS = ("varlen", "hf_padded", "hf_cb", "varlen_conc", "http")
@@ -780,25 +779,6 @@ def plot(work: Workload, rows: dict[str, dict], path: Path, args) -> None:
     plt.close(fig)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info(threads: int) -> dict:
-    import openai
-    import transformers
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
-            "logical_cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2 ** 30, 1),
-            "threads": threads, "torch": torch.__version__, "transformers": transformers.__version__,
-            "openai": openai.__version__, "psutil": psutil.__version__, "python": platform.python_version()}
-
-
 # -------------------------------------------------------------------------------------------------- main
 
 def parse_args() -> argparse.Namespace:
@@ -864,7 +844,7 @@ def main() -> None:
         shutil.rmtree(work_dir / d, ignore_errors=True)
     torch.set_num_threads(args.threads)
 
-    info = machine_info(args.threads)
+    info = machine_info(args.threads, ("transformers", "openai", "psutil"))
     model, cfg, tok, store, varlen_dir, hf_dir, source = make_weights(args, work_dir)
     max_len = min(args.max_model_len, cfg.model.max_seq_len)
     work = build_workload(store, args, varlen_dir, hf_dir, tok.eod_id, max_len)

@@ -18,12 +18,10 @@ backward, grad clipping and the AdamW step; inputs are built before the clock st
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import resource
 import time
 import traceback
@@ -36,6 +34,7 @@ import psutil
 import torch
 
 from varlen.batch import Batch
+from machine import machine_info
 from varlen.config import DataConfig, ModelConfig, TrainConfig
 from varlen.data.corpus import Corpus
 from varlen.data.loader import make_micro
@@ -436,24 +435,6 @@ def matmul_flops(threads: int, n: int = 2048, repeats: int = 10) -> float:
     for _ in range(repeats):
         a @ b
     return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info(threads: int) -> dict:
-    import transformers
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(),
-            "logical_cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2 ** 30, 1),
-            "threads": threads, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
 
 
 # ------------------------------------------------------------------------------------------------ report
