@@ -1,4 +1,4 @@
-"""The `varlen` command: train | sample | serve | generate | convert | data stats | plot.
+"""The `varlen` command: train | sample | serve | generate | convert | data stats | bench calibrate | plot.
 
 Any config field can be set as `--section.field VALUE` after the subcommand's own options.
 Errors in the user's input print one line naming the input and the fix, and exit with code 2.
@@ -197,6 +197,32 @@ def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def cmd_bench_calibrate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    import torch
+
+    from .config import load_config
+    from .train.calibrate import calibrate, save
+
+    cfg = load_config(args.preset, args.config, overrides)
+    try:
+        lengths = sorted({int(x) for x in args.lengths.split(",")})
+    except ValueError:
+        raise ConfigError(f"--lengths {args.lengths!r} must be comma-separated integers, e.g. 256,1024,4096") from None
+    if not lengths or lengths[0] < 1:
+        raise ConfigError(f"--lengths {args.lengths!r} needs positive lengths, e.g. 256,1024,4096")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    log(f"timing forward+backward, {args.tokens:,} tokens per row, {torch.get_num_threads()} threads "
+        f"(dim {cfg.model.dim}, {cfg.model.n_layer} layers):")
+    cost, rows = calibrate(cfg.model, lengths, args.tokens, args.repeats, log=log)
+    out = save(args.out, cost, cfg.model, rows)
+    worst = max(abs(cost(r["length"]) / r["seconds_per_seq"] - 1) for r in rows)
+    print(f"cost(L) = {cost.a:.4g} L + {cost.b:.4g} L^2 seconds (b/a = {cost.b / max(cost.a, 1e-30):.3g}); "
+          f"worst fit error {100 * worst:.1f}%; saved {out} (use with --data.cost_model {out})")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from .plots import plot_loss
     print(plot_loss(args.run_dir))
@@ -278,6 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
     way.add_argument("--from-hf", metavar="HF_DIR", help="HF Llama directory -> varlen checkpoint directory")
     c.add_argument("out_dir", help="new output directory")
     c.set_defaults(fn=cmd_convert)
+
+    b = sub.add_parser("bench", help="measure this machine")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    bc = bsub.add_parser("calibrate", help="fit the load-balancing cost model a*L + b*L^2 from timed "
+                         "forward+backward passes; model fields as --model.dim 256 etc.")
+    bc.add_argument("--config", help="YAML config file (applied over the preset)")
+    bc.add_argument("--preset", default="tiny", help="preset in configs/ (default: tiny)")
+    bc.add_argument("--lengths", default="128,512,1024,2048", help="sequence lengths to time")
+    bc.add_argument("--tokens", type=int, default=8192, help="tokens per timed row (default 8192)")
+    bc.add_argument("--repeats", type=int, default=3)
+    bc.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    bc.add_argument("--out", default="cost_model.json", help="where to save a and b (default cost_model.json)")
+    bc.set_defaults(fn=cmd_bench_calibrate)
 
     pl = sub.add_parser("plot", help="draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl")
     pl.add_argument("run_dir")

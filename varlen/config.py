@@ -61,6 +61,8 @@ class DataConfig:
     dd_keep_short: bool = False  # dd: keep leftovers shorter than 2^lo in the smallest bucket
     curriculum: str = "grow_p2"  # dd: uniform | grow_p2 | shortest_first | cyclic
     dd_cycles: int = 1           # dd: grow_p2 repeats its short-to-long sweep this many times per epoch
+    balance: str = "cost"        # ranks > 1: cost (length-aware, cost model) | round_robin (the naive split)
+    cost_model: str = ""         # ranks > 1: JSON from `varlen bench calibrate`; "" = FLOP counts
     val_fraction: float = 0.02   # share of documents held out for validation, chosen by seed
     cache_dir: str = ""          # tokenizer + token store cache; "" = $VARLEN_CACHE or ~/.cache/varlen
     max_docs: int = 0            # read only the first N documents (0 = all); handy for quick runs
@@ -88,6 +90,7 @@ class TrainConfig:
     compile: bool = False
     threads: int = 0             # torch CPU threads; 0 = torch's default
     init_from: str = ""          # start from these weights: a varlen run/checkpoint or a HF Llama directory
+    max_time: float = 0          # stop after this many seconds of training steps (0 = no limit); equal-time runs
 
 
 @dataclass
@@ -266,6 +269,9 @@ def validate(cfg: Config) -> None:
         (lambda: d.batching != "dd" or d.tokens_per_step % 2 ** (d.dd_hi or m.max_seq_len.bit_length() - 1) == 0,
          f"data.tokens_per_step ({d.tokens_per_step}) must be a multiple of the largest dd bucket "
          f"(2^{d.dd_hi or m.max_seq_len.bit_length() - 1}) so every step holds the same tokens"),
+        (lambda: d.balance in ("cost", "round_robin"),
+         f"data.balance {d.balance!r} unknown; use cost (length-aware) or round_robin"),
+        (lambda: t.max_time >= 0, f"train.max_time is {t.max_time}; use 0 (no limit) or seconds"),
         (lambda: d.dd_cycles >= 1, f"data.dd_cycles is {d.dd_cycles}; it must be at least 1"),
         (lambda: d.row_tokens >= 0, f"data.row_tokens is {d.row_tokens}; use 0 (no cap) or a positive count"),
         (lambda: 0 <= d.val_fraction < 1, f"data.val_fraction is {d.val_fraction}; use a value in [0, 1)"),

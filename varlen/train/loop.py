@@ -90,6 +90,7 @@ class Run:
     tokenizer: TextTokenizer
     start_step: int
     info: dict
+    elapsed: float = 0.0          # seconds spent in training steps so far (not eval or saving), kept on resume
 
 
 def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print) -> Run:
@@ -130,7 +131,7 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
         model.load_state_dict(init.state_dict())
     model = model.to(device)
     optimizer = make_optimizer(model, cfg.train)
-    start_step = 0
+    start_step, elapsed = 0, 0.0
     if ckpt is not None:
         io.load_weights(model, ckpt)
         state = io.load_train_state(ckpt)
@@ -140,6 +141,7 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         start_step = int(state["step"])
+        elapsed = float(state.get("time", 0.0))
         _truncate_metrics(run_dir / METRICS, start_step)
         log(f"resuming {run_dir} from {ckpt.name} (step {start_step})")
     else:
@@ -160,7 +162,8 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
         f"unigram entropy {entropy:.3f} nats/token; packed rows {100 * info['fill_ratio']:.2f}% full; "
         f"model {info['parameters'] / 1e6:.2f}M parameters, attention {info['attention']} on {device}")
     step_model = torch.compile(model, dynamic=True) if cfg.train.compile else model
-    return Run(cfg, run_dir, device, model, step_model, optimizer, loader, val, tokenizer, start_step, info)
+    return Run(cfg, run_dir, device, model, step_model, optimizer, loader, val, tokenizer, start_step, info,
+               elapsed)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -205,19 +208,23 @@ def main(run: Run, log: Callable[[str], None] = print, progress: bool = True) ->
             micros = run.loader.next_step()
             loss, grad_norm = fit(run, micros, lr_at(step, t), amp)
             dt = time.perf_counter() - t0
+            run.elapsed += dt
             n_tokens = sum(m.num_targets for m in micros)
             last = {"step": step, "loss": loss, "lr": lr_at(step, t), "tokens_per_s": n_tokens / dt,
-                    "tokens": n_tokens, "grad_norm": grad_norm, "epoch": run.loader.epoch}
-            if run.val and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
+                    "tokens": n_tokens, "grad_norm": grad_norm, "epoch": run.loader.epoch, "time": run.elapsed}
+            done = step == t.max_steps or (t.max_time > 0 and run.elapsed >= t.max_time)
+            if run.val and ((t.eval_every and step % t.eval_every == 0) or done):
                 last["val_loss"] = evaluate(run.step_model, run.val, run.device, amp)
-            if step % t.log_every == 0 or "val_loss" in last or step == t.max_steps:
+            if step % t.log_every == 0 or "val_loss" in last or done:
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
-            if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
+            if (t.ckpt_every and step % t.ckpt_every == 0) or done:
                 save(run, step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{n_tokens / dt:,.0f}",
                             **({"val": f"{last['val_loss']:.3f}"} if "val_loss" in last else {}))
+            if done:
+                break
     bar.close()
     return last
 
@@ -226,7 +233,7 @@ def save(run: Run, step: int) -> Path:
     rng = {"torch": torch.get_rng_state()}
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state()
-    state = {"step": step, "optimizer": run.optimizer.state_dict(), "loader": run.loader.state_dict(), "rng": rng}
+    state = {"step": step, "time": run.elapsed, "optimizer": run.optimizer.state_dict(), "loader": run.loader.state_dict(), "rng": rng}
     return io.save_checkpoint(run.run_dir, step, run.model, run.cfg, run.tokenizer, state,
                               run.cfg.train.keep_last)
 
@@ -238,6 +245,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
     if run.start_step >= cfg.train.max_steps:
         log(f"run already at step {run.start_step} >= train.max_steps {cfg.train.max_steps}; raise "
             f"--train.max_steps to train further")
+        return {}
+    if cfg.train.max_time > 0 and run.elapsed >= cfg.train.max_time:
+        log(f"run already trained {run.elapsed:.0f} s >= train.max_time {cfg.train.max_time:g}; raise "
+            f"--train.max_time to train further")
         return {}
     last = main(run, log, progress)
     if plot:
