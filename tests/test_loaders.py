@@ -69,6 +69,9 @@ def test_concat_chunk_windows_cross_documents_and_pad_has_no_loss_on_padding(sto
     micros = [m for _ in range(4) for m in cc.next_step()]
     assert all(set(m.batch.seqlens) == {64} for m in micros)
     assert sum(m.num_targets for m in cc.next_step()) == 512
+    starts = [start for step in cc.plan()[:3] for row in step for _, start in row]
+    assert sorted(starts) != list(range(min(starts), min(starts) + 64 * len(starts), 64)), \
+        "a step's windows are consecutive; they should be drawn from the whole epoch"
     # Windows run straight through documents: somewhere an input is a document's end-of-document frame
     # token and its target the next document's first token.
     eod = int(store.doc(0)[-1])

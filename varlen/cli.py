@@ -6,6 +6,7 @@ Errors in the user's input print one line naming the input and the fix, and exit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -37,11 +38,43 @@ def _split_overrides(extra: list[str]) -> dict[str, str]:
     return out
 
 
+def _without(argv: list[str], flags: dict[str, bool]) -> list[str]:
+    """argv minus the given options ({flag: takes a value}), in either `--flag v` or `--flag=v` form."""
+    out, i = [], 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        if name in flags:
+            i += 1 if "=" in argv[i] or not flags[name] else 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def launch_torchrun(args: argparse.Namespace) -> int:
+    """`varlen train --nproc N ...` = `torchrun --standalone --nproc_per_node N -m varlen train ...`."""
+    import subprocess
+
+    cores = os.cpu_count() or 1
+    if args.nproc > cores and not args.force:
+        raise ConfigError(f"--nproc {args.nproc} is more than this machine's {cores} cores; ranks would fight "
+                          f"over them. Use --nproc {cores} or add --force")
+    rest = _without(args.argv, {"--nproc": True, "--force": False})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+           "-m", "varlen", *rest]
+    print("running: " + " ".join(cmd), file=sys.stderr)
+    return subprocess.call(cmd)
+
+
 def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from .checkpoint import io
     from .config import apply_dict, load_config, load_yaml, set_option, validate
     from .train.loop import train
 
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc is {args.nproc}; use 1 or more processes")
+    if args.nproc > 1:
+        return launch_torchrun(args)
     if args.corpus:
         overrides = {"data.corpus": args.corpus, **overrides}
     if args.init_from:
@@ -61,6 +94,8 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         cfg = load_config(args.preset, args.config, overrides)
         run_dir = Path(args.out)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  stdout stays clean for scripts
+    if os.environ.get("RANK", "0") != "0":
+        log = lambda msg: None  # noqa: E731  under torchrun, rank 0 speaks for the job
     last = train(cfg, run_dir, resume=bool(args.resume), log=log, progress=not args.no_progress)
     if last:
         val = f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else ""
@@ -218,6 +253,9 @@ def cmd_bench_calibrate(args: argparse.Namespace, overrides: dict[str, str]) -> 
     cost, rows = calibrate(cfg.model, lengths, args.tokens, args.repeats, log=log)
     out = save(args.out, cost, cfg.model, rows)
     worst = max(abs(cost(r["length"]) / r["seconds_per_seq"] - 1) for r in rows)
+    if cost.b == 0:
+        log("warning: the timings show no quadratic (attention) term, so the fit set b = 0; the machine may "
+            "have been busy, or the lengths too short: rerun, or add a longer --lengths value")
     print(f"cost(L) = {cost.a:.4g} L + {cost.b:.4g} L^2 seconds (b/a = {cost.b / max(cost.a, 1e-30):.3g}); "
           f"worst fit error {100 * worst:.1f}%; saved {out} (use with --data.cost_model {out})")
     return 0
@@ -243,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-from", metavar="DIR", help="start from these weights and tokenizer: a varlen run or "
                    "checkpoint, or a Hugging Face Llama directory (fine-tuning)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine, started with "
+                   "torchrun (default 1); or run `torchrun --nproc_per_node N -m varlen train ...` yourself")
+    t.add_argument("--force", action="store_true", help="allow --nproc above the number of cores")
     t.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sample", help="generate text from a trained model")
@@ -327,10 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.fn(args, _split_overrides(extra))
     except USER_ERRORS as e:
-        print(f"varlen: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one says so
+            print(f"varlen: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("varlen: interrupted", file=sys.stderr)

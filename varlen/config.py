@@ -35,6 +35,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # small models spend a large share of parameters on the embedding
     max_seq_len: int = 512       # longest sequence the model sees; longer documents are cut into pieces
     attention: str = "auto"      # auto | sdpa_docs | flex | flash | reference
+    mtp_heads: int = 0           # extra heads, head j predicting token t+1+j (Gloeckle et al. 2024); 0 = off
 
     @property
     def head_dim(self) -> int:
@@ -91,6 +92,8 @@ class TrainConfig:
     threads: int = 0             # torch CPU threads; 0 = torch's default
     init_from: str = ""          # start from these weights: a varlen run/checkpoint or a HF Llama directory
     max_time: float = 0          # stop after this many seconds of training steps (0 = no limit); equal-time runs
+    mtp_weight: float = 0.3      # each MTP head's loss weight; below Gloeckle's 1 so k heads don't swamp next-token loss
+    freeze_trunk: bool = False   # train only the MTP heads (e.g. added to an imported model); the trunk stays as loaded
 
 
 @dataclass
@@ -275,6 +278,12 @@ def validate(cfg: Config) -> None:
         (lambda: d.dd_cycles >= 1, f"data.dd_cycles is {d.dd_cycles}; it must be at least 1"),
         (lambda: d.row_tokens >= 0, f"data.row_tokens is {d.row_tokens}; use 0 (no cap) or a positive count"),
         (lambda: 0 <= d.val_fraction < 1, f"data.val_fraction is {d.val_fraction}; use a value in [0, 1)"),
+        (lambda: m.mtp_heads >= 0, f"model.mtp_heads is {m.mtp_heads}; use 0 (off) or a positive head count"),
+        (lambda: t.mtp_weight > 0 or m.mtp_heads == 0,
+         f"train.mtp_weight is {t.mtp_weight}; with model.mtp_heads > 0 it must be positive (e.g. 0.3)"),
+        (lambda: not t.freeze_trunk or m.mtp_heads > 0,
+         "train.freeze_trunk trains only the MTP heads, but model.mtp_heads is 0; pass --model.mtp_heads 3 "
+         "(or drop --train.freeze_trunk)"),
         (lambda: d.tokens_per_step // t.grad_accum >= m.max_seq_len,
          f"data.tokens_per_step / train.grad_accum = {d.tokens_per_step // max(t.grad_accum, 1)} is smaller than "
          f"model.max_seq_len ({m.max_seq_len}); raise --data.tokens_per_step or lower --model.max_seq_len"),

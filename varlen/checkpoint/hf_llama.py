@@ -3,9 +3,14 @@
 varlen's parameter names are LlamaForCausalLM's without the `model.` prefix, and both use rotate-half RoPE,
 so weights cross unchanged; only the config needs translating. Weights are read from safetensors only:
 a pickle (`.bin`) checkpoint is refused, never loaded.
+
+MTP heads are not part of Llama: an export writes them to mtp_heads.safetensors (varlen's key names) and
+their count to config.json as `varlen_mtp_heads`, which transformers keeps as an unused attribute; so
+transformers loads the base model alone, and importing the directory back restores the heads.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +21,8 @@ from safetensors.torch import save_file
 from ..config import Config, ModelConfig
 from ..data.tokenizer import TOKENIZER_FILE, TextTokenizer
 from ..model.transformer import Transformer
-from .io import CONFIG, WEIGHTS, CheckpointError, write_model_files, write_new_dir
+from .io import (CONFIG, MTP_WEIGHTS, WEIGHTS, CheckpointError, read_heads, split_heads, write_heads,
+                 write_model_files, write_new_dir)
 
 INDEX = "model.safetensors.index.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -24,6 +30,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Buffers that some exports saved next to the weights; they are recomputed, not parameters.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 ROPE_TYPES = ("default", "llama3")
+MTP_HEADS_KEY = "varlen_mtp_heads"  # config.json: the head count of mtp_heads.safetensors
 
 
 def hf_name(name: str) -> str:
@@ -95,7 +102,8 @@ def config_from_hf(hf: dict, source: Path) -> ModelConfig:
         vocab_size=int(hf["vocab_size"]), dim=dim, n_layer=int(hf["num_hidden_layers"]), n_head=n_head,
         n_kv_head=int(hf.get("num_key_value_heads") or n_head), ffn_hidden=int(hf["intermediate_size"]),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_seq_len=int(hf.get("max_position_embeddings", 2048)), **_rope_from_hf(hf, source))
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)), mtp_heads=int(hf.get(MTP_HEADS_KEY, 0)),
+        **_rope_from_hf(hf, source))
 
 
 def config_to_hf(cfg: ModelConfig, tokenizer: TextTokenizer) -> dict:
@@ -113,6 +121,7 @@ def config_to_hf(cfg: ModelConfig, tokenizer: TextTokenizer) -> dict:
         "rope_theta": cfg.rope_theta, "rope_scaling": scaling, "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False, "mlp_bias": False, "bos_token_id": tokenizer.bos_id,
         "eos_token_id": tokenizer.eod_id, "torch_dtype": "float32", "use_cache": True,
+        **({MTP_HEADS_KEY: cfg.mtp_heads} if cfg.mtp_heads else {}),
     }
 
 
@@ -134,7 +143,7 @@ def _weight_files(directory: Path) -> list[Path]:
         return files
     if (directory / WEIGHTS).is_file():
         return [directory / WEIGHTS]
-    shards = sorted(directory.glob("*.safetensors"))
+    shards = sorted(p for p in directory.glob("*.safetensors") if p.name != MTP_WEIGHTS)
     if shards:
         return shards
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -159,9 +168,10 @@ def _read_tensors(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str,
 
 def state_from_hf(tensors: dict[str, torch.Tensor], where: dict[str, Path], cfg: ModelConfig,
                   source: Path) -> dict[str, torch.Tensor]:
-    """HF state dict -> varlen state dict in float32, checked tensor by tensor against `cfg`."""
+    """HF state dict -> varlen state dict (base model, no MTP heads) in float32, checked tensor by tensor
+    against `cfg`."""
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+        expected = {k: v.shape for k, v in Transformer(dataclasses.replace(cfg, mtp_heads=0)).state_dict().items()}
     files = ", ".join(sorted({p.name for p in where.values()})) or "the weight files"
     state = {}
     for name, shape in expected.items():
@@ -206,7 +216,9 @@ def load_hf(directory: str | Path) -> tuple[Transformer, Config, TextTokenizer]:
     tokenizer = TextTokenizer.load_dir(directory, eos[0] if isinstance(eos, list) else eos)
     tensors, where = _read_tensors(_weight_files(directory))
     model = Transformer(cfg.model)
-    model.load_state_dict(state_from_hf(tensors, where, cfg.model, directory))
+    state = state_from_hf(tensors, where, cfg.model, directory)
+    state.update({k: v.to(torch.float32) for k, v in read_heads(model, directory).items()})
+    model.load_state_dict(state)
     return model.eval(), cfg, tokenizer
 
 
@@ -215,8 +227,10 @@ def save_hf(model: Transformer, cfg: Config, tokenizer: TextTokenizer, out: str 
     m = cfg.model
 
     def write(tmp: Path) -> None:
-        state = {hf_name(k): v.detach().to(torch.float32).contiguous().cpu() for k, v in model.state_dict().items()}
+        base, heads = split_heads({k: v.detach().to(torch.float32) for k, v in model.state_dict().items()})
+        state = {hf_name(k): v.contiguous().cpu() for k, v in base.items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_heads(tmp, heads)
         (tmp / CONFIG).write_text(json.dumps(config_to_hf(m, tokenizer), indent=2) + "\n")
         (tmp / GENERATION_CONFIG).write_text(json.dumps(
             {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eod_id, "max_length": m.max_seq_len},

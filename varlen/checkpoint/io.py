@@ -1,5 +1,8 @@
 """Checkpoints: model.safetensors + config.json + tokenizer.json + train_state.pt, written atomically.
 
+MTP heads, when the model has them, go to their own mtp_heads.safetensors, so model.safetensors always
+holds just the base model (what a reader that knows nothing of heads, like transformers, expects).
+
 A run directory holds checkpoints/step_NNNNNNN/; a checkpoint directory describes itself, so `sample`
 (and later `serve`) take either a run directory (its newest checkpoint) or one checkpoint directory.
 """
@@ -17,10 +20,12 @@ from safetensors.torch import load_file, save_file
 
 from ..config import Config, ConfigError
 from ..data.tokenizer import TextTokenizer
+from ..model.mtp import is_head_key
 from ..model.transformer import Transformer
 
 CKPT_DIR = "checkpoints"
 WEIGHTS, CONFIG, TOKENIZER, TRAIN_STATE = "model.safetensors", "config.json", "tokenizer.json", "train_state.pt"
+MTP_WEIGHTS = "mtp_heads.safetensors"  # keys as in the model's state dict: mtp.blocks.{j-1}.*
 
 
 class CheckpointError(ValueError):
@@ -53,11 +58,26 @@ def resolve(path: str | Path) -> Path:
 
 
 def write_model_files(directory: Path, model: torch.nn.Module, cfg: Config, tokenizer: TextTokenizer) -> None:
-    """model.safetensors + config.json + tokenizer files: everything sampling or serving needs."""
+    """model.safetensors (+ mtp_heads.safetensors) + config.json + tokenizer files: all sampling or serving needs."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+    base, heads = split_heads(state)
+    save_file(base, str(directory / WEIGHTS), metadata={"format": "pt"})
+    write_heads(directory, heads)
     (directory / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     tokenizer.save_dir(directory, cfg.model.max_seq_len)
+
+
+def split_heads(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(base model tensors, MTP head tensors) of a state dict."""
+    heads = {k: v for k, v in state.items() if is_head_key(k)}
+    return {k: v for k, v in state.items() if k not in heads}, heads
+
+
+def write_heads(directory: Path, heads: dict[str, torch.Tensor]) -> None:
+    """mtp_heads.safetensors, only when there are heads: a model without them writes what it always did."""
+    if heads:
+        heads = {k: v.detach().contiguous().cpu() for k, v in heads.items()}
+        save_file(heads, str(directory / MTP_WEIGHTS), metadata={"format": "pt"})
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, cfg: Config, tokenizer: TextTokenizer,
@@ -119,17 +139,40 @@ def load_tokenizer(ckpt: Path) -> TextTokenizer:
         raise _unreadable(ckpt / TOKENIZER, e, ckpt) from None
 
 
-def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    file = ckpt / WEIGHTS
+def _read(file: Path, ckpt: Path) -> dict[str, torch.Tensor]:
     try:
-        state = load_file(str(file))
+        return load_file(str(file))
     except Exception as e:  # safetensors raises its own error type for a damaged header or body
         raise _unreadable(file, e, ckpt) from None
-    missing = set(model.state_dict()) - set(state)
-    extra = set(state) - set(model.state_dict())
+
+
+def _check_keys(file: Path, have: set[str], want: set[str], ckpt: Path) -> None:
+    missing, extra = want - have, have - want
     if missing or extra:
         raise CheckpointError(f"{file} does not match the model in {ckpt / CONFIG}: "
                               f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+
+
+def read_heads(model: torch.nn.Module, directory: Path) -> dict[str, torch.Tensor]:
+    """The MTP head tensors in `directory`'s mtp_heads.safetensors, checked against the model's heads;
+    {} for a model without heads."""
+    want = {k for k in model.state_dict() if is_head_key(k)}
+    file = directory / MTP_WEIGHTS
+    if not want and not file.is_file():
+        return {}
+    if not file.is_file():
+        raise CheckpointError(f"{directory / CONFIG} asks for MTP heads but {file} is missing; restore the file "
+                              f"or set the head count to 0 in {CONFIG}")
+    heads = _read(file, directory)
+    _check_keys(file, set(heads), want, directory)
+    return heads
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    file = ckpt / WEIGHTS
+    state = _read(file, ckpt)
+    _check_keys(file, set(state), {k for k in model.state_dict() if not is_head_key(k)}, ckpt)
+    state.update(read_heads(model, ckpt))
     model.load_state_dict(state)
 
 

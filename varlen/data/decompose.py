@@ -114,7 +114,8 @@ def schedule(steps: dict[int, int], curriculum: str, seed: int, cycles: int = 1)
     order = []
     n_cycles = cycles if curriculum == "grow_p2" else 1
     for c in range(n_cycles):
-        # Cycle c gets its share of each bucket's steps; the remainders go to the last cycles.
+        # Cycle c gets an even share of each bucket's steps (floor differences spread the remainders, so a
+        # bucket with fewer steps than there are cycles skips the first ones).
         left = {L: steps[L] * (c + 1) // n_cycles - steps[L] * c // n_cycles for L in lengths}
         odds = {L: (2.0 ** (len(lengths) - 1 - k) if curriculum == "grow_p2" else 1.0)
                 for k, L in enumerate(lengths)}

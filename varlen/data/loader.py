@@ -9,7 +9,7 @@ import torch
 from ..batch import Batch
 from ..config import DataConfig
 from .decompose import bucket_steps, check_range, decompose, schedule, step_chunks
-from .pack import Piece, cut_pieces, materialize, pack_epoch
+from .pack import Piece, best_fit_decreasing, cut_pieces, materialize, pack_epoch
 from .corpus import CorpusError
 from .tokens import TokenStore
 
@@ -91,12 +91,27 @@ class StepLoader:
                 computed += int(m.targets.numel())
         return useful / max(computed, 1)
 
-    def next_step(self) -> list[MicroBatch]:
+    def next_specs(self) -> list:
+        """The next optimizer step's micro-batch specs (advances the position)."""
         if self.step >= self.steps_per_epoch:
             self.epoch, self.step, self._plan = self.epoch + 1, 0, None
         specs = self.plan()[self.step]
         self.step += 1
-        return [self.make_batch(s) for s in specs]
+        return specs
+
+    def next_step(self) -> list[MicroBatch]:
+        return [self.make_batch(s) for s in self.next_specs()]
+
+    # A step's specs are lists of sequences (pieces, chunks or windows). Data-parallel ranks share out
+    # the sequences of one step and pack each share into rows of their own.
+    def seq_length(self, seq) -> int:
+        """Tokens of one sequence of a step; each has as many targets."""
+        return seq.length
+
+    def rows_of(self, seqs: list) -> list:
+        """Micro-batch specs holding `seqs` (one rank's share of a step), rows of at most `capacity`."""
+        bins = best_fit_decreasing([self.seq_length(q) for q in seqs], self.capacity)
+        return [[seqs[k] for k in sorted(b)] for b in bins]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step}
@@ -187,9 +202,18 @@ class ConcatChunkLoader(StepLoader):
     def plan_epoch(self, epoch: int) -> list[list]:
         _, starts = self._epoch_stream(epoch)
         n_windows = (int(starts[-1]) - 1) // self.max_seq_len
-        windows = [(epoch, w * self.max_seq_len) for w in range(n_windows)]
+        # Windows in a shuffled order, as the usual baseline draws them: consecutive windows would fill a
+        # step from one or two long documents and make its gradient needlessly correlated.
+        order = np.random.default_rng([self.seed, epoch, 1]).permutation(n_windows)
+        windows = [(epoch, int(w) * self.max_seq_len) for w in order]
         steps = [windows[i * self.per_step:(i + 1) * self.per_step] for i in range(n_windows // self.per_step)]
         return [[s[j:j + self.per_row] for j in range(0, len(s), self.per_row)] for s in steps]
+
+    def seq_length(self, seq: tuple[int, int]) -> int:
+        return self.max_seq_len
+
+    def rows_of(self, seqs: list) -> list:
+        return [seqs[j:j + self.per_row] for j in range(0, len(seqs), self.per_row)]
 
     def _tokens(self, epoch: int, start: int, n: int) -> np.ndarray:
         order, starts = self._epoch_stream(epoch)
@@ -244,6 +268,9 @@ class PadLoader(StepLoader):
                 row = []
             row.append(p)
         return rows + [row]
+
+    def rows_of(self, seqs: list) -> list:
+        return self._rows(seqs) if seqs else []
 
     def make_batch(self, spec: list[Piece]) -> MicroBatch:
         L = max(p.length for p in spec)

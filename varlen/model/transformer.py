@@ -15,6 +15,7 @@ from ..batch import Batch, PagedBatch
 from ..config import ModelConfig
 from .attention import choose_backend, get_attention
 from .attention.paged import attention as paged_attention
+from .mtp import MTPHeads
 
 
 class RMSNorm(nn.Module):
@@ -113,12 +114,21 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.mtp: MTPHeads | None = None
         self.attention_backend = cfg.attention
         self.reset_parameters()
+        if cfg.mtp_heads:
+            # Built and initialised after the trunk, so one seed gives the same trunk with or without heads
+            # (runs that differ only in mtp_heads compare like for like).
+            self.mtp = MTPHeads([Block(cfg) for _ in range(cfg.mtp_heads)], first_cache_layer=cfg.n_layer)
+            self._init(self.mtp.named_parameters(prefix="mtp"))
 
     def reset_parameters(self) -> None:
+        self._init(self.named_parameters())
+
+    def _init(self, named_parameters) -> None:
         std = 0.02
-        for name, p in self.named_parameters():
+        for name, p in named_parameters:
             if p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -134,28 +144,55 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden_states(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """ids (T,) -> final normalised hidden states (T, dim). A PagedBatch reads and writes its KV cache."""
+    def trunk(self, ids: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, tuple]:
+        """ids (T,) -> last layer's hidden states (T, dim) before the final norm, and the (cos, sin, attend)
+        the MTP heads reuse. A PagedBatch reads and writes its KV cache (layers 0..n_layer-1)."""
         paged = isinstance(batch, PagedBatch)
         attend = paged_attention if paged else get_attention(choose_backend(self.attention_backend, ids.device))
         cos, sin = rope_cos_sin(batch.positions, rope_inv_freq(self.cfg, ids.device))
         x = self.embed_tokens(ids)  # (T, dim)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, batch.layer_view(i) if paged else batch, attend)
-        return self.norm(x)
+        return x, (cos, sin, attend)
 
-    def forward(self, ids: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """ids (T,) -> final normalised hidden states (T, dim). A PagedBatch reads and writes its KV cache."""
+        return self.norm(self.trunk(ids, batch)[0])
+
+    def forward(self, ids: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None,
+                heads: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """ids (T,) packed tokens described by `batch` -> logits (T, vocab), or only at `rows` (serving needs
-        just each sequence's last position, and the vocab projection is the largest matmul)."""
+        just each sequence's last position, and the vocab projection is the largest matmul).
+
+        heads=True returns logits_with_heads(...) instead; training asks through forward so that DDP and
+        torch.compile wrappers see the call."""
+        if heads:
+            return self.logits_with_heads(ids, batch, rows)
         h = self.hidden_states(ids, batch)
         return F.linear(h if rows is None else h[rows], self.output_weight())
+
+    def logits_with_heads(self, ids: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None,
+                          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(base logits exactly as forward gives them, [logits of head j predicting token t+1+j, j = 1..k]),
+        each (T, vocab) or (len(rows), vocab). The head blocks run on every token (in serving they must fill
+        their cache layers n_layer + j - 1), but the norm and vocab projection only at `rows`."""
+        x, (cos, sin, attend) = self.trunk(ids, batch)
+        w = self.output_weight()
+        h = self.norm(x)
+        base = F.linear(h if rows is None else h[rows], w)
+        if self.mtp is None:
+            return base, []
+        outs = self.mtp(x, cos, sin, batch, attend)  # k x (T, dim), before the shared final norm
+        return base, [F.linear(self.norm(o if rows is None else o[rows]), w) for o in outs]
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: float) -> float:
     """Forward+backward FLOPs per token: 6 x matmul parameters plus causal attention at length seq_len."""
     d, f, hd = cfg.dim, cfg.ffn_dim, cfg.head_dim
     per_layer = d * cfg.n_head * hd * 2 + d * cfg.n_kv_head * hd * 2 + 3 * d * f
-    matmul_params = cfg.n_layer * per_layer + d * cfg.vocab_size
+    # Each MTP head is one more block and one more vocab projection.
+    blocks, outputs = cfg.n_layer + cfg.mtp_heads, 1 + cfg.mtp_heads
+    matmul_params = blocks * per_layer + outputs * d * cfg.vocab_size
     # QK^T and AV, each 2*H*hd FLOPs per key; a causal token sees (L+1)/2 keys on average.
-    attn = cfg.n_layer * 2 * 2 * cfg.n_head * hd * (seq_len + 1) / 2
+    attn = blocks * 2 * 2 * cfg.n_head * hd * (seq_len + 1) / 2
     return 6 * matmul_params + 3 * attn

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -24,23 +25,27 @@ from tqdm import tqdm
 from ..checkpoint import io, load_model
 from ..config import Config, ConfigError, save_json
 from ..data.corpus import Corpus
+from ..data.balance import CostModel
 from ..data.loader import MicroBatch, StepLoader, make_loader, step_layout, validation_micros
 from ..data.tokenizer import TextTokenizer
 from ..data.tokens import TokenStore, prepare, split_documents
 from ..model.attention import choose_backend
+from ..model.mtp import freeze_trunk, head_loss_sums, head_target_counts, load_with_heads
 from ..model.transformer import Transformer
+from . import calibrate, dist
+from .dist import DistEnv
 from .optim import make_optimizer
 from .schedule import lr_at
 
 METRICS = "metrics.jsonl"
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("train.device is cuda but no CUDA device is visible; use --train.device cpu")
-    return torch.device(name)
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -48,23 +53,49 @@ def autocast_for(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
-def loss_sum(model: torch.nn.Module, micro: MicroBatch, amp) -> torch.Tensor:
-    """Summed (not averaged) cross-entropy of one micro-batch, so steps can divide by their own count."""
+def loss_sum(model: torch.nn.Module, micro: MicroBatch, amp, mtp_weight: float = 0.0) -> torch.Tensor:
+    """Summed (not averaged) cross-entropy of one micro-batch, so steps can divide by their own count.
+
+    With mtp_weight > 0, plus mtp_weight x each MTP head's summed cross-entropy (its targets never cross a
+    sequence boundary); the step still divides by the next-token target count alone.
+    """
+    if not mtp_weight:
+        with amp:
+            logits = model(micro.ids, micro.batch)
+        return F.cross_entropy(logits.float(), micro.targets, reduction="sum")
+    loss, heads = loss_sums(model, micro, amp)
+    for head in heads:
+        loss = loss + mtp_weight * head
+    return loss
+
+
+def loss_sums(model: torch.nn.Module, micro: MicroBatch, amp) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Summed next-token cross-entropy of one micro-batch, and each MTP head's (none without heads)."""
     with amp:
-        logits = model(micro.ids, micro.batch)
-    return F.cross_entropy(logits.float(), micro.targets, reduction="sum")
+        logits, head_logits = model(micro.ids, micro.batch, heads=True)
+    base = F.cross_entropy(logits.float(), micro.targets, reduction="sum")
+    return base, head_loss_sums(head_logits, micro.targets, micro.batch.cu_seqlens)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, micros: list[MicroBatch], device: torch.device, amp) -> float:
-    """Mean loss per target token; attention stays within each document, as in training."""
+def evaluate(model: torch.nn.Module, micros: list[MicroBatch], device: torch.device, amp) -> dict:
+    """{"val_loss": next-token loss per target token} and, with MTP heads, "val_loss_heads": each head's
+    loss per its own target; attention stays within each document, as in training."""
     model.eval()
     total, count = 0.0, 0
+    head_total = head_count = 0  # arrays of one entry per head once a batch shows the heads
     for m in micros:
-        total += loss_sum(model, m.to(device), amp).item()
+        base, heads = loss_sums(model, m.to(device), amp)
+        total += base.item()
         count += m.num_targets
+        if heads:
+            head_total = head_total + np.array([h.item() for h in heads])
+            head_count = head_count + np.array(head_target_counts(m.targets, m.batch.cu_seqlens, len(heads)))
     model.train()
-    return total / max(count, 1)
+    out: dict = {"val_loss": total / max(count, 1)}
+    if np.ndim(head_total):
+        out["val_loss_heads"] = (head_total / np.maximum(head_count, 1)).tolist()
+    return out
 
 
 def unigram_entropy(store: TokenStore, doc_ids: np.ndarray) -> float:
@@ -90,14 +121,23 @@ class Run:
     tokenizer: TextTokenizer
     start_step: int
     info: dict
+    env: DistEnv
+    assign: Callable            # lengths, ranks -> sequence indices per rank (used when ranks > 1)
     elapsed: float = 0.0          # seconds spent in training steps so far (not eval or saving), kept on resume
 
 
-def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print) -> Run:
+def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print,
+          env: DistEnv = DistEnv()) -> Run:
     run_dir = Path(run_dir)
-    device = pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device, env.local_rank)
+    dist.init(env, device)
+    if not env.is_master:
+        log = lambda msg: None  # noqa: E731  one voice per job
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    elif env.local_world_size > 1 and device.type == "cpu":
+        # Ranks on one machine share its cores; more threads than cores each would thrash.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     ckpt = io.resolve(run_dir) if resume else None
     if ckpt is None and io.list_checkpoints(run_dir):
         raise ConfigError(f"run dir '{run_dir}' already has checkpoints; pass --resume {run_dir} to continue "
@@ -105,15 +145,19 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
     corpus = Corpus(cfg.data.corpus, cfg.data.glob, cfg.data.field, cfg.data.skip_bad, cfg.data.max_docs)
     init = None
     if cfg.train.init_from and ckpt is None:
-        # The architecture and tokenizer come with the weights; piece length and backend stay the run's.
+        # The architecture and tokenizer come with the weights; piece length, backend and MTP heads stay the run's.
         init, init_cfg, tokenizer = load_model(cfg.train.init_from)
         cfg.model = dataclasses.replace(init_cfg.model, max_seq_len=cfg.model.max_seq_len,
-                                        attention=cfg.model.attention)
+                                        attention=cfg.model.attention, mtp_heads=cfg.model.mtp_heads)
         log(f"initialising from {cfg.train.init_from} ({init.num_params() / 1e6:.2f}M parameters)")
     else:
         tokenizer = io.load_tokenizer(ckpt) if ckpt else None
+    if not env.is_master:
+        dist.barrier(env)  # rank 0 trains the tokenizer and fills the cache; the others then read it
     tokenizer, store = prepare(corpus, cfg.model.vocab_size, cfg.data.cache_dir or None, log=log,
                                tokenizer=tokenizer)
+    if env.is_master:
+        dist.barrier(env)
     if init is None and ckpt is None:
         cfg.model.vocab_size = tokenizer.vocab_size  # a small corpus can give fewer merges than asked for
     train_ids, val_ids = split_documents(store.num_docs, cfg.data.val_fraction)
@@ -128,7 +172,11 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     if init is not None:
-        model.load_state_dict(init.state_dict())
+        copied = load_with_heads(model, init.state_dict())
+        if copied:
+            log(f"MTP heads {copied} start as copies of the trunk's last layer")
+    if cfg.train.freeze_trunk:  # before the optimizer, which takes only parameters that require grad
+        log(f"trunk frozen: training {freeze_trunk(model) / 1e6:.2f}M MTP head parameters")
     model = model.to(device)
     optimizer = make_optimizer(model, cfg.train)
     start_step, elapsed = 0, 0.0
@@ -142,11 +190,22 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         start_step = int(state["step"])
         elapsed = float(state.get("time", 0.0))
-        _truncate_metrics(run_dir / METRICS, start_step)
+        if env.is_master:
+            _truncate_metrics(run_dir / METRICS, start_step)
         log(f"resuming {run_dir} from {ckpt.name} (step {start_step})")
-    else:
+    elif env.is_master:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / METRICS).unlink(missing_ok=True)
+    cost = calibrate.load(cfg.data.cost_model) if cfg.data.cost_model else CostModel.from_flops(cfg.model)
+    assign = dist.assigner(cfg.data.balance, cost)
+    step_model: torch.nn.Module = model
+    if env.enabled:  # rank 0's weights are broadcast here; identical all-reduced steps keep them equal
+        step_model = torch.nn.parallel.DistributedDataParallel(model)
+    if cfg.train.compile:
+        step_model = torch.compile(step_model, dynamic=True)
+    if not env.is_master:
+        return Run(cfg, run_dir, device, model, step_model, optimizer, loader, val, tokenizer, start_step, {},
+                   env, assign, elapsed)
     save_json(cfg, run_dir / "config.json")
     tokenizer.save_dir(run_dir, cfg.model.max_seq_len)
 
@@ -155,15 +214,16 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
         "documents": store.num_docs, "train_documents": len(train_ids), "val_documents": len(val_ids),
         "tokens": store.num_tokens, "unigram_entropy": entropy, "fill_ratio": loader.fill_ratio(),
         "parameters": model.num_params(), "attention": choose_backend(cfg.model.attention, device),
-        "device": str(device), "val_tokens": sum(m.num_targets for m in val),
+        "device": str(device), "val_tokens": sum(m.num_targets for m in val), "ranks": env.world_size,
+        "balance": cfg.data.balance if env.enabled else None,
     }
     (run_dir / "data.json").write_text(json.dumps(info, indent=2) + "\n")
     log(f"{info['documents']:,} documents ({info['val_documents']} held out), {info['tokens']:,} tokens, "
         f"unigram entropy {entropy:.3f} nats/token; packed rows {100 * info['fill_ratio']:.2f}% full; "
-        f"model {info['parameters'] / 1e6:.2f}M parameters, attention {info['attention']} on {device}")
-    step_model = torch.compile(model, dynamic=True) if cfg.train.compile else model
+        f"model {info['parameters'] / 1e6:.2f}M parameters, attention {info['attention']} on {device}"
+        + (f"; {env.world_size} ranks, {cfg.data.balance} split" if env.enabled else ""))
     return Run(cfg, run_dir, device, model, step_model, optimizer, loader, val, tokenizer, start_step, info,
-               elapsed)
+               env, assign, elapsed)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -180,16 +240,28 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def fit(run: Run, micros: list[MicroBatch], lr: float, amp) -> tuple[float, float]:
-    """One optimizer step over its micro-batches. Returns (loss, grad norm before clipping)."""
+def fit(run: Run, micros: list[MicroBatch], lr: float, amp, n_targets: int = 0) -> tuple[float, float]:
+    """One optimizer step over this rank's micro-batches, whose loss is divided by `n_targets`, the step's
+    target count over all ranks. Returns (the step's loss, grad norm before clipping)."""
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    n_targets = sum(m.num_targets for m in micros)
+    n_targets = n_targets or sum(m.num_targets for m in micros)
+    ranks = run.env.world_size
+    weight = 1.0
+    if not micros:  # this rank got nothing this step but must join the all-reduce: a zero-weight token
+        micros, weight = [dist.empty_micro()], 0.0
     loss_total = 0.0
-    for m in micros:
-        loss = loss_sum(run.step_model, m.to(run.device), amp) / n_targets
-        loss.backward()
+    for k, m in enumerate(micros):
+        # Gradients are all-reduced once per step, on the last backward: DDP averages over ranks, so
+        # each rank scales its part up by the rank count to make the result the sum.
+        last = k == len(micros) - 1
+        with run.step_model.no_sync() if run.env.enabled and not last else nullcontext():
+            loss = loss_sum(run.step_model, m.to(run.device), amp, run.cfg.train.mtp_weight) / n_targets
+            if weight != 1.0:
+                loss = loss * weight
+            (loss * ranks if ranks > 1 else loss).backward()
         loss_total += loss.item()
+    loss_total = dist.sum_across(run.env, loss_total)
     clip = run.cfg.train.grad_clip if run.cfg.train.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip).item()
     run.optimizer.step()
@@ -201,24 +273,35 @@ def main(run: Run, log: Callable[[str], None] = print, progress: bool = True) ->
     cfg, t = run.cfg, run.cfg.train
     amp = autocast_for(run.device, t.dtype)
     last: dict = {}
-    bar = tqdm(total=t.max_steps, initial=run.start_step, disable=not progress, unit="step", dynamic_ncols=True)
-    with open(run.run_dir / METRICS, "a") as metrics:
+    master = run.env.is_master
+    bar = tqdm(total=t.max_steps, initial=run.start_step, disable=not (progress and master), unit="step",
+               dynamic_ncols=True)
+    with open(run.run_dir / METRICS, "a") if master else open(os.devnull, "w") as metrics:
         for step in range(run.start_step + 1, t.max_steps + 1):
             t0 = time.perf_counter()
-            micros = run.loader.next_step()
-            loss, grad_norm = fit(run, micros, lr_at(step, t), amp)
-            dt = time.perf_counter() - t0
+            rank_tokens = None
+            if run.env.enabled:
+                micros, n_tokens, rank_tokens = dist.rank_share(run.loader, run.loader.next_specs(), run.env,
+                                                                run.assign)
+            else:
+                micros = run.loader.next_step()
+                n_tokens = sum(m.num_targets for m in micros)
+            loss, grad_norm = fit(run, micros, lr_at(step, t), amp, n_tokens)
+            dt = dist.max_across(run.env, time.perf_counter() - t0)  # ranks must agree on max_time's stop
             run.elapsed += dt
-            n_tokens = sum(m.num_targets for m in micros)
             last = {"step": step, "loss": loss, "lr": lr_at(step, t), "tokens_per_s": n_tokens / dt,
                     "tokens": n_tokens, "grad_norm": grad_norm, "epoch": run.loader.epoch, "time": run.elapsed}
+            if rank_tokens is not None:
+                last["rank_tokens"] = rank_tokens
             done = step == t.max_steps or (t.max_time > 0 and run.elapsed >= t.max_time)
-            if run.val and ((t.eval_every and step % t.eval_every == 0) or done):
-                last["val_loss"] = evaluate(run.step_model, run.val, run.device, amp)
+            if master and run.val and ((t.eval_every and step % t.eval_every == 0) or done):
+                # the plain model under DDP: its wrapper's forward would wait for ranks that do not evaluate
+                eval_model = run.model if run.env.enabled else run.step_model
+                last.update(evaluate(eval_model, run.val, run.device, amp))  # val_loss (+ val_loss_heads)
             if step % t.log_every == 0 or "val_loss" in last or done:
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
-            if (t.ckpt_every and step % t.ckpt_every == 0) or done:
+            if master and ((t.ckpt_every and step % t.ckpt_every == 0) or done):
                 save(run, step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{n_tokens / dt:,.0f}",
@@ -240,22 +323,31 @@ def save(run: Run, step: int) -> Path:
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print,
           progress: bool = True, plot: bool = True) -> dict:
-    """Train (or resume) and return the last step's metrics; writes loss.png at the end."""
-    run = setup(cfg, run_dir, resume, log)
-    if run.start_step >= cfg.train.max_steps:
-        log(f"run already at step {run.start_step} >= train.max_steps {cfg.train.max_steps}; raise "
-            f"--train.max_steps to train further")
-        return {}
-    if cfg.train.max_time > 0 and run.elapsed >= cfg.train.max_time:
-        log(f"run already trained {run.elapsed:.0f} s >= train.max_time {cfg.train.max_time:g}; raise "
-            f"--train.max_time to train further")
-        return {}
-    last = main(run, log, progress)
-    if plot:
-        from ..plots import plot_loss
-        log(f"loss plot: {plot_loss(run.run_dir)}")
-    _cleanup_tmp(run.run_dir)
-    return last
+    """Train (or resume) and return the last step's metrics; writes loss.png at the end.
+
+    Under torchrun (WORLD_SIZE > 1 in the environment) this process is one data-parallel rank."""
+    env = dist.env_from_torchrun()
+    try:
+        run = setup(cfg, run_dir, resume, log, env)
+        if not env.is_master:
+            log = lambda msg: None  # noqa: E731
+        if run.start_step >= cfg.train.max_steps:
+            log(f"run already at step {run.start_step} >= train.max_steps {cfg.train.max_steps}; raise "
+                f"--train.max_steps to train further")
+            return {}
+        if cfg.train.max_time > 0 and run.elapsed >= cfg.train.max_time:
+            log(f"run already trained {run.elapsed:.0f} s >= train.max_time {cfg.train.max_time:g}; raise "
+                f"--train.max_time to train further")
+            return {}
+        last = main(run, log, progress)
+        if plot and env.is_master:
+            from ..plots import plot_loss
+            log(f"loss plot: {plot_loss(run.run_dir)}")
+        if env.is_master:
+            _cleanup_tmp(run.run_dir)
+        return last
+    finally:
+        dist.shutdown(env)
 
 
 def _cleanup_tmp(run_dir: Path) -> None:
