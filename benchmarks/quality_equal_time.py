@@ -47,9 +47,8 @@ Read the result with these in mind (measured on the stdlib corpus, max_seq_len 2
     what another split would move; --eval-tokens 131072 scores the whole split at ~3x the eval cost.
   - Most of this corpus's tokens are in long documents: 960 of dd's 1126 steps per epoch are the
     2048 bucket, so grow_p2 is short-first only in a handful of steps and dd is mostly pack-like.
-  - ConcatChunkLoader takes a step's windows consecutively from the shuffled stream, so a step holds
-    ~2.4 documents (about half the steps one document) against ~5 for pack: noisier gradients for
-    concat_chunk than i.i.d. windows would give, on top of its cross-document attention.
+  - concat_chunk draws a step's windows in a shuffled order from the whole epoch's stream (as the usual
+    baseline does), so its steps mix documents as pack's do.
 
     .venv/bin/python benchmarks/quality_equal_time.py             # ~23 min on 2 idle cores (estimate)
     .venv/bin/python benchmarks/quality_equal_time.py --quick --out /tmp/qet_quick

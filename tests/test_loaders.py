@@ -86,3 +86,19 @@ def test_concat_chunk_windows_cross_documents_and_pad_has_no_loss_on_padding(sto
     keep = m.targets != IGNORE
     assert in_some_document(store, m.ids[keep][:80], m.targets[keep][:80])
     assert 0 < pad.fill_ratio() < 1 and cc.fill_ratio() == 1.0
+
+
+def test_dd_rows_keep_the_row_cap_unless_a_chunk_is_longer(store):
+    # max_seq_len 512, row_tokens 128: the 512 and 256 buckets need longer rows, shorter buckets do not.
+    data = DataConfig(tokens_per_step=1024, row_tokens=128, batching="dd", dd_lo=5, curriculum="cyclic")
+    train, _ = split_documents(store.num_docs, 0.1)
+    dd = make_loader(data, 512, 1, store, train, seed=3)
+    seen = set()
+    for step in dd.plan()[:40]:
+        L = step[0][0].length
+        seen.add(L)
+        assert all(sum(c.length for c in row) <= max(128, L) for row in step)
+        assert sum(c.length for row in step for c in row) == 1024
+        for share in (step[0], [c for row in step for c in row]):  # a rank's share is packed the same way
+            assert all(sum(c.length for c in row) <= max(128, L) for row in dd.rows_of(share))
+    assert {64, 512} <= seen
