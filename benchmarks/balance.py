@@ -88,6 +88,43 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "balance.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
     print(f"wrote {out / 'balance.json'}")
+    print(f"plot: {plot(results, out / 'balance_torchrun.json', out / 'balance.png', args.tokens_per_rank)}")
+
+
+def plot(results: list[dict], real_json: Path, path: Path, tokens_per_rank: int) -> Path:
+    """Left: simulated max/mean rank cost; right: the real 2-rank step times of balance_torchrun.py, if run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
+    labels = [f"{r['max_seq_len']}\nR={r['ranks']}" for r in results]
+    x = np.arange(len(results))
+    for k, (key, name) in enumerate([("round_robin", "round-robin"), ("balanced", "balanced (varlen)")]):
+        ax.bar(x + (k - 0.5) * 0.4, [r[key] for r in results], 0.4, label=name)
+    ax.axhline(1.05, color="gray", ls="--", lw=1, label="target 1.05")
+    ax.set_xticks(x, labels)
+    ax.set_ylim(0.9, max(r["round_robin"] for r in results) * 1.08)
+    ax.set_ylabel("max / mean rank cost (FLOP model)")
+    ax.set_title(f"simulated, stdlib corpus, {tokens_per_rank:,} tokens per rank")
+    ax.legend(fontsize=8)
+    if real_json.exists():
+        real = [r for r in json.loads(real_json.read_text())["results"] if "split" in r]
+        lens = sorted({r["max_seq_len"] for r in real})
+        for k, split in enumerate(["round_robin", "cost"]):
+            t = [next(r["seconds_per_step"] for r in real if r["max_seq_len"] == L and r["split"] == split) for L in lens]
+            bx.bar(np.arange(len(lens)) + (k - 0.5) * 0.4, t, 0.4,
+                   label="round-robin" if split == "round_robin" else "balanced (varlen)")
+        bx.set_xticks(np.arange(len(lens)), [f"max_seq_len {L}" for L in lens])
+        bx.set_ylabel("seconds per step (slowest rank)")
+        bx.set_title("real: varlen train --nproc 2 (torchrun, gloo), 32,768 tokens per step")
+        bx.legend(fontsize=8)
+    else:
+        bx.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -204,3 +204,29 @@ def test_queue_limit_answers_429_with_retry_after(model_dir):
         s.wait_idle()
     finally:
         s.close()
+
+
+def test_speculative_server_streams_the_ordinary_greedy_text_and_reports_acceptance(tmp_path):
+    from varlen.config import ServeConfig
+    from varlen.serve.engine import Engine
+    from varlen.serve.request import SamplingParams
+
+    tok = train_tokenizer([p.read_text(errors="replace") for p in stdlib_files()[:30]], 320)
+    cfg = Config(model=ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layer=2, n_head=4, n_kv_head=2,
+                                   max_seq_len=256, mtp_heads=2))
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).eval()
+    path = save_varlen(model, cfg, tok, tmp_path / "heads")
+    [[want]] = Engine(model, tok, ServeConfig(kv_cache_gib=0.01)).generate(
+        ["import os\n"], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    s = Server(path, "--speculative")
+    try:
+        whole = s.client.completions.create(model="heads", prompt="import os\n", max_tokens=20, **GREEDY)
+        chunks = s.client.completions.create(model="heads", prompt="import os\n", max_tokens=20, stream=True, **GREEDY)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text == want.text
+        s.wait_idle()
+        assert s.metric('varlen_spec_draft_tokens_total{head="2"}') > 0
+        assert 0 <= s.metric('varlen_spec_acceptance_rate{head="1"}') <= 1
+        assert s.metric("varlen_spec_tokens_per_step") >= 1
+    finally:
+        s.close()

@@ -118,10 +118,39 @@ def cmd_sample(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg, tok = load_model(args.run_dir, device)
     prompt_ids = [tok.bos_id] + tok.encode(args.prompt)  # as every training document starts
-    new = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                   args.seed, stop_id=tok.eod_id, max_seq_len=cfg.model.max_seq_len)
+    if args.speculative:
+        new = _sample_speculative(model, tok, prompt_ids, args)
+    else:
+        new = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                       args.seed, stop_id=tok.eod_id, max_seq_len=cfg.model.max_seq_len)
     sys.stdout.write(tok.decode(new) + "\n")
     return 0
+
+
+def _sample_speculative(model, tok, prompt_ids: list[int], args: argparse.Namespace) -> list[int]:
+    """`varlen sample --speculative`: one request through the serving engine, which drafts with the MTP
+    heads; its tokens are what plain sampling would give (the same when greedy, the same distribution
+    otherwise). Unlike plain sampling it stops at the model's context instead of sliding a window."""
+    from .config import ServeConfig
+    from .serve.engine import Engine
+    from .serve.request import SamplingParams
+
+    if args.max_new_tokens < 1:
+        return []
+    engine = Engine(model, tok, ServeConfig(max_num_seqs=1, speculative=True, num_speculative=args.num_speculative))
+    room = engine.max_model_len - len(prompt_ids)
+    if room < 1:
+        raise ConfigError(f"the prompt ({len(prompt_ids)} tokens) fills the model's {engine.max_model_len}-token "
+                          f"context; shorten --prompt or drop --speculative")
+    if args.max_new_tokens > room:
+        print(f"--speculative: stopping at the context, after {room} tokens", file=sys.stderr)
+    params = SamplingParams(max_tokens=min(args.max_new_tokens, room), temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    [[done]] = engine.generate([prompt_ids], params)
+    s = engine.spec_stats
+    print(f"speculative: {s.tokens_per_step:.2f} tokens per verify step; drafts accepted per head: "
+          + " ".join(f"{a:.2f}" for a in s.acceptance), file=sys.stderr)
+    return done.token_ids
 
 
 def cmd_data_stats(args: argparse.Namespace, overrides: dict[str, str]) -> int:
@@ -168,8 +197,11 @@ def _serve_config(args: argparse.Namespace):
     from .config import ServeConfig
     cfg = ServeConfig(block_size=args.block_size, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                      max_waiting=args.max_waiting)
+                      max_waiting=args.max_waiting, speculative=args.speculative,
+                      num_speculative=args.num_speculative)
     checks = [(cfg.block_size >= 1, "--block-size must be at least 1"),
+              (cfg.num_speculative >= 0, "--num-speculative must be 0 (one draft per MTP head) or positive"),
+              (cfg.speculative or not cfg.num_speculative, "--num-speculative needs --speculative"),
               (cfg.kv_cache_gib > 0, "--kv-cache-gib must be positive"),
               (cfg.max_num_seqs >= 1, "--max-num-seqs must be at least 1"),
               (cfg.max_num_batched_tokens >= 1, "--max-num-batched-tokens must be at least 1"),
@@ -187,15 +219,24 @@ def cmd_serve(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
     if overrides:
         raise ConfigError(f"varlen serve takes no config fields (got --{next(iter(overrides))})")
-    if not hf_llama.is_hf_dir(args.run_dir):
+    hf = hf_llama.is_hf_dir(args.run_dir)
+    if not hf:
         io.resolve(args.run_dir)  # a missing or empty directory fails here, before the port opens
+    cfg = _serve_config(args)
+    if cfg.speculative:  # so does --speculative on a model without MTP heads
+        import json
+
+        from .serve.speculate import num_drafts_per_step
+        heads = (json.loads((Path(args.run_dir) / "config.json").read_text()).get(hf_llama.MTP_HEADS_KEY, 0) if hf
+                 else io.load_config(io.resolve(args.run_dir)).model.mtp_heads)
+        num_drafts_per_step(cfg, heads)
     keys = list(args.api_key or [])
     if args.api_key_file:
         path = Path(args.api_key_file)
         if not path.is_file():
             raise ConfigError(f"--api-key-file {path} not found; pass a file with one key per line")
         keys += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    serve(args.run_dir, args.host, args.port, keys, _serve_config(args), args.name, args.log_level)
+    serve(args.run_dir, args.host, args.port, keys, cfg, args.name, args.log_level)
     return 0
 
 
@@ -267,6 +308,13 @@ def cmd_plot(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def speculative_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--speculative", action="store_true", help="draft tokens with the model's MTP heads and "
+                    "verify them in the next forward (same output, fewer forwards)")
+    sp.add_argument("--num-speculative", type=int, default=0, metavar="K",
+                    help="drafts per step with --speculative (default 0: one per MTP head)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="varlen", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -294,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
+    speculative_options(s)
     s.set_defaults(fn=cmd_sample)
 
     d = sub.add_parser("data", help="inspect a corpus")
@@ -309,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.set_defaults(fn=cmd_data_stats)
 
     def engine_options(sp: argparse.ArgumentParser) -> None:
+        speculative_options(sp)
         sp.add_argument("--kv-cache-gib", type=float, default=0.5, help="memory for the paged KV cache (GiB)")
         sp.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
         sp.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")

@@ -108,6 +108,8 @@ class ServeConfig:
     max_n: int = 8                      # completions per request
     max_stop: int = 4                   # stop strings per request
     max_logprobs: int = 5               # top alternatives per token
+    speculative: bool = False           # draft tokens with the model's MTP heads, verify them in the next step
+    num_speculative: int = 0            # drafts per step (<= the model's mtp_heads); 0 = one per head
 
 
 @dataclass

@@ -176,14 +176,22 @@ class Transformer(nn.Module):
         """(base logits exactly as forward gives them, [logits of head j predicting token t+1+j, j = 1..k]),
         each (T, vocab) or (len(rows), vocab). The head blocks run on every token (in serving they must fill
         their cache layers n_layer + j - 1), but the norm and vocab projection only at `rows`."""
-        x, (cos, sin, attend) = self.trunk(ids, batch)
+        base, states = self.logits_and_head_states(ids, batch, rows)
         w = self.output_weight()
+        return base, [F.linear(s, w) for s in states]
+
+    def logits_and_head_states(self, ids: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None,
+                               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """As logits_with_heads, but each head's final-normed hidden state (rows, dim) instead of its logits:
+        speculative decoding needs a head's logits at one row per sequence, known only after verification,
+        and the vocab projection is the largest matmul."""
+        x, (cos, sin, attend) = self.trunk(ids, batch)
         h = self.norm(x)
-        base = F.linear(h if rows is None else h[rows], w)
+        base = F.linear(h if rows is None else h[rows], self.output_weight())
         if self.mtp is None:
             return base, []
         outs = self.mtp(x, cos, sin, batch, attend)  # k x (T, dim), before the shared final norm
-        return base, [F.linear(self.norm(o if rows is None else o[rows]), w) for o in outs]
+        return base, [self.norm(o if rows is None else o[rows]) for o in outs]
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: float) -> float:

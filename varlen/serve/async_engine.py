@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .engine import Engine, StepOutput
 from .request import SamplingParams
+from .speculate import SpecStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -160,8 +161,29 @@ class AsyncEngine:
         ]
         lines += [f'varlen_requests_finished_total{{reason="{r}"}} {n}' for r, n in sorted(self.finished.items())]
         lines += self.ttft.prometheus("varlen_time_to_first_token_seconds", "Time from request to first token.")
-        lines += self.itl.prometheus("varlen_inter_token_latency_seconds", "Time between a request's tokens.")
+        lines += self.itl.prometheus("varlen_inter_token_latency_seconds",
+                                     "Time between a request's stream events (several tokens each when speculating).")
+        if e.num_speculative:
+            lines += speculative_metrics(e.spec_stats)
         return "\n".join(lines) + "\n"
+
+
+def speculative_metrics(s: SpecStats) -> list[str]:
+    """Per MTP head (label head="j"): drafts verified, drafts accepted and their ratio; tokens per verify step."""
+    lines = []
+    for name, kind, help_text, values in [
+        ("varlen_spec_draft_tokens_total", "counter", "Draft tokens of head j verified.", s.drafted),
+        ("varlen_spec_accepted_tokens_total", "counter", "Draft tokens of head j accepted.", s.accepted),
+        ("varlen_spec_acceptance_rate", "gauge", "Share of head j's verified drafts accepted.", s.acceptance),
+    ]:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        lines += [f'{name}{{head="{j}"}} {v:.6g}' for j, v in enumerate(values, start=1)]
+    return lines + [
+        "# HELP varlen_spec_verify_steps_total Request-steps that verified drafts.",
+        "# TYPE varlen_spec_verify_steps_total counter", f"varlen_spec_verify_steps_total {s.verify_steps}",
+        "# HELP varlen_spec_tokens_per_step Mean tokens a verify step emits per request (1 + accepted drafts).",
+        "# TYPE varlen_spec_tokens_per_step gauge", f"varlen_spec_tokens_per_step {s.tokens_per_step:.6g}",
+    ]
 
 
 def _settle(fut: asyncio.Future, result, error) -> None:

@@ -99,6 +99,19 @@ class BlockManager:
         while len(req.block_table) < self.blocks_for(num_tokens):
             req.block_table.append(self._new_block())
 
+    def truncate(self, req: Request, num_tokens: int) -> None:
+        """Shrink the table to the blocks holding the first `num_tokens` tokens: blocks taken only for draft
+        tokens the model rejected go back at once."""
+        keep = self.blocks_for(num_tokens)
+        assert keep >= self.hashed_upto.get(req.request_id, 0), "truncating a block registered in the prefix cache"
+        for block in reversed(req.block_table[keep:]):
+            self.ref_counts[block] -= 1
+            assert self.ref_counts[block] == 0, f"draft block {block} is shared"
+            # No hash to keep alive: first in line to be handed out again, so cached blocks survive longer.
+            self.free[block] = None
+            self.free.move_to_end(block, last=False)
+        del req.block_table[keep:]
+
     def mark_computed(self, req: Request) -> None:
         """Register the request's full blocks whose K/V are now in the cache, so others can share them."""
         if not self.prefix_caching:

@@ -1,7 +1,8 @@
 """The serving loop: requests in, one packed forward per step, tokens and text out.
 
 Engine is the streaming interface (add_request / step / abort); LLM wraps it for offline batches:
-`LLM(path).generate(prompts, SamplingParams(...))`.
+`LLM(path).generate(prompts, SamplingParams(...))`. With ServeConfig.speculative a step may emit several
+tokens per request (serve/speculate.py); its outputs are what ordinary decoding would give.
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from ..data.tokenizer import TextTokenizer
 from ..model.transformer import Transformer
 from .block_manager import BlockManager
 from .request import Request, RequestError, SamplingParams, Status
-from .runner import ModelRunner, num_blocks_for
-from .sampler import sample
+from .runner import ModelRunner, SeqLogits, num_blocks_for
+from .sampler import logprob_entry
 from .scheduler import Scheduler
+from .speculate import SpecStats, accept, draft, num_drafts_per_step
 
 
 @dataclass
@@ -47,10 +49,12 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         mcfg: ModelConfig = model.cfg
         self.max_model_len = cfg.max_model_len or mcfg.max_seq_len
+        self.num_speculative = num_drafts_per_step(cfg, mcfg.mtp_heads)  # 0 = ordinary decoding
+        speculative = self.num_speculative > 0
         dtype = next(model.parameters()).dtype
         per_seq = -(-self.max_model_len // cfg.block_size)
         # More blocks than every running sequence at full length could use only feeds the prefix cache.
-        num_blocks = min(num_blocks_for(cfg.kv_cache_gib * 2 ** 30, mcfg, cfg.block_size, dtype),
+        num_blocks = min(num_blocks_for(cfg.kv_cache_gib * 2 ** 30, mcfg, cfg.block_size, dtype, speculative),
                          2 * cfg.max_num_seqs * per_seq)
         if num_blocks < per_seq:
             raise RequestError(f"kv_cache_gib {cfg.kv_cache_gib} holds {num_blocks} blocks of {cfg.block_size} "
@@ -58,7 +62,8 @@ class Engine:
                                f"raise kv_cache_gib or lower max_model_len")
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, cfg.block_size)
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size, heads=speculative)
+        self.spec_stats = SpecStats(self.num_speculative)
         self.requests: dict[str, Request] = {}
         self._emitted: dict[str, int] = {}
         self._ids = itertools.count()
@@ -110,29 +115,43 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        logits = self.runner.run(plan.scheduled)
-        outputs = []
-        for (req, n), row in zip(plan.scheduled, logits):
-            req.num_computed += n
-            self.blocks.mark_computed(req)
-            if req.num_computed < req.num_tokens:
-                continue  # a prefill chunk; its last token's logits come later
-            token, logprob = sample(row, req)
-            outputs.append(self._append(req, token, logprob))
+        results = self.runner.run(plan.scheduled)
+        outputs, drafting = [], []
+        for (req, n), logits in zip(plan.scheduled, results):
+            end = req.num_computed + n
+            if end < req.num_tokens:
+                self.scheduler.commit(req, end)  # a prefill chunk; its last token's logits come later
+                continue
+            drafts = req.draft_ids[:end - req.num_tokens]  # the scheduler may have run fewer than drafted
+            q = None if req.draft_probs is None else req.draft_probs[:len(drafts)]
+            tokens = accept(logits.base, drafts, q, req.params, req.generator)
+            self.spec_stats.record(len(drafts), len(tokens) - 1)
+            # The K/V of rejected drafts stay in their slots until overwritten; only the accepted count.
+            outputs.append(self._append(req, tokens, logits, end - (len(drafts) - (len(tokens) - 1))))
+            if self.num_speculative and not req.is_finished:
+                # The heads at the row that produced the last token propose the tokens after it.
+                drafting.append((req, logits.head_states[:self.num_speculative, len(tokens) - 1]))
+        if drafting:
+            head_logits = self.runner.head_logits(torch.stack([states for _, states in drafting]))  # (n, k, vocab)
+            for (req, _), rows in zip(drafting, head_logits):
+                self._draft(req, rows)
         return outputs
 
-    def _append(self, req: Request, token: int, logprob: dict | None) -> StepOutput:
+    def _append(self, req: Request, tokens: list[int], logits: SeqLogits, num_computed: int) -> StepOutput:
+        """Emit the step's tokens in order until one ends the request (eod, a stop string, max_tokens): the
+        tokens after it are dropped, as ordinary decoding would never have produced them."""
         p = req.params
-        new_ids, new_lp = [], []
-        if token == self.tokenizer.eod_id and not p.ignore_eos or token in p.stop_token_ids:
-            reason = "stop"
-        else:
+        new_ids, new_lp, reason = [], [], None
+        for row, token in enumerate(tokens):
+            if token == self.tokenizer.eod_id and not p.ignore_eos or token in p.stop_token_ids:
+                reason = "stop"
+                break
             req.output_ids.append(token)
             new_ids.append(token)
-            if logprob is not None:
-                req.logprobs.append(logprob)
-                new_lp.append(logprob)
-            reason = None
+            if p.logprobs is not None:
+                entry = logprob_entry(logits.base[row], token, p.logprobs)
+                req.logprobs.append(entry)
+                new_lp.append(entry)
             text = self.tokenizer.decode(req.output_ids)
             cut = _find_stop(text, p.stop, len(req.output_text))
             if cut is not None:
@@ -140,6 +159,10 @@ class Engine:
             req.output_text = text
             if reason is None and (len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len):
                 reason = "length"
+            if reason is not None:
+                break
+        # Accepted drafts after a stop were computed but are not the request's tokens any more.
+        self.scheduler.commit(req, min(num_computed, req.num_tokens))
         if reason is not None:
             self.scheduler.finish(req, reason)
         new_text = self._new_text(req, final=reason is not None)
@@ -147,6 +170,15 @@ class Engine:
             self.requests.pop(req.request_id, None)
             self._emitted.pop(req.request_id, None)
         return StepOutput(req.request_id, new_ids, new_text, new_lp, reason is not None, reason)
+
+    def _draft(self, req: Request, head_rows: torch.Tensor) -> None:
+        """Set the request's drafts from its heads' logits (num_speculative, vocab) at its last token: no more
+        than max_tokens and the context leave room for after the token the verify step is sure to add."""
+        limit = min(self.num_speculative, req.params.max_tokens - len(req.output_ids) - 1,
+                    self.max_model_len - req.num_tokens - 1)
+        req.draft_ids, req.draft_probs = [], None
+        if limit > 0:
+            req.draft_ids, req.draft_probs = draft(head_rows[:limit], req.params, req.generator)
 
     def _new_text(self, req: Request, final: bool) -> str:
         """Text not yet streamed, holding back an incomplete UTF-8 character or a possible stop-string start."""

@@ -64,6 +64,10 @@ class Request:
     output_text: str = ""
     logprobs: list[dict] = field(default_factory=list)
     generator: torch.Generator | None = None
+    # Speculative decoding: tokens the MTP heads proposed after output_ids, to be verified by the next forward
+    # (positions num_tokens, num_tokens + 1, ...), and the distributions they were sampled from (None when greedy).
+    draft_ids: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None
 
     @property
     def all_ids(self) -> list[int]:

@@ -1,6 +1,8 @@
 """Scheduled requests -> one packed forward over the paged KV cache -> logits of each finished position."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -10,34 +12,56 @@ from ..model.transformer import Transformer
 from .request import Request
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+def cache_layers(cfg: ModelConfig, heads: bool) -> int:
+    """Cache layers: the trunk's, plus one per MTP head when the heads run (speculative decoding)."""
+    return cfg.n_layer + (cfg.mtp_heads if heads else 0)
 
 
-def num_blocks_for(budget_bytes: float, cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return int(budget_bytes // (block_size * kv_bytes_per_token(cfg, dtype)))
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, heads: bool = False) -> int:
+    return 2 * cache_layers(cfg, heads) * cfg.n_kv_head * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def num_blocks_for(budget_bytes: float, cfg: ModelConfig, block_size: int, dtype: torch.dtype,
+                   heads: bool = False) -> int:
+    return int(budget_bytes // (block_size * kv_bytes_per_token(cfg, dtype, heads)))
+
+
+@dataclass
+class SeqLogits:
+    """One scheduled request's output at its last d + 1 positions: its last token and each of its d drafts
+    (d = 0 outside speculative decoding); row i predicts the token after position i."""
+    base: torch.Tensor                  # (d + 1, vocab) logits, float32 on CPU
+    head_states: torch.Tensor | None    # (mtp_heads, d + 1, dim) when the heads run, head j at index j - 1;
+                                        # ModelRunner.head_logits projects the rows a request drafts from
 
 
 class ModelRunner:
-    """Owns the model and the KV cache tensors: one (num_blocks * block_size, Hkv, D) K and V per layer."""
+    """Owns the model and the KV cache tensors: one (num_blocks * block_size, Hkv, D) K and V per layer.
 
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int):
-        self.model, self.block_size = model, block_size
+    heads=True runs the MTP heads in every forward (they need their own K/V at every position, so prefill
+    chunks run them too) and keeps their cache layers after the trunk's."""
+
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, heads: bool = False):
+        self.model, self.block_size, self.heads = model, block_size, heads
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         cfg = model.cfg
         shape = (num_blocks * block_size, cfg.n_kv_head, cfg.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.n_layer)]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.n_layer)]
+        layers = cache_layers(cfg, heads)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
         self.scratch: dict = {}  # attention's gather buffers, kept across steps (see paged._gather)
 
     @staticmethod
     def _new_ids(req: Request, start: int, end: int) -> list[int]:
-        """req.all_ids[start:end] without building all_ids (a decode step needs only the last token)."""
-        p = len(req.prompt_ids)
+        """Tokens [start, end) of the request followed by its drafts (positions num_tokens on), without
+        building all_ids (a decode step needs only the last token)."""
+        p, n = len(req.prompt_ids), req.num_tokens
+        drafts = req.draft_ids[:max(0, end - n)]
+        end = min(end, n)
         if start >= p:
-            return req.output_ids[start - p:end - p]
-        return req.all_ids[start:end]
+            return req.output_ids[start - p:end - p] + drafts
+        return req.all_ids[start:end] + drafts
 
     def prepare(self, scheduled: list[tuple[Request, int]]) -> tuple[torch.Tensor, PagedBatch]:
         """Token ids, positions, slot mapping and context slots of one step, all flat.
@@ -75,8 +99,26 @@ class ModelRunner:
         return torch.tensor(ids, device=dev), batch
 
     @torch.inference_mode()
-    def run(self, scheduled: list[tuple[Request, int]]) -> torch.Tensor:
-        """Logits (n, vocab), float32 on CPU, at the last new position of every scheduled request."""
+    def run(self, scheduled: list[tuple[Request, int]]) -> list[SeqLogits]:
+        """Logits of every scheduled request at its last new position, and at each draft it runs."""
         ids, batch = self.prepare(scheduled)
-        last = batch.cu_seqlens[1:].long() - 1
-        return self.model(ids, batch, rows=last).float().cpu()
+        # A request runs d drafts when its tokens reach past num_tokens; a prefill chunk gets 1 row (unused).
+        counts = np.array([max(1, req.num_computed + n - req.num_tokens + 1) for req, n in scheduled])
+        ends = np.cumsum([n for _, n in scheduled])
+        rows = np.repeat(ends - np.cumsum(counts), counts) + np.arange(int(counts.sum()))
+        rows_t = torch.from_numpy(rows).to(self.device)
+        if self.heads:
+            base, states = self.model.logits_and_head_states(ids, batch, rows_t)
+            states = torch.stack(states)  # (k, rows, dim)
+        else:
+            base, states = self.model(ids, batch, rows=rows_t), None
+        splits = counts.tolist()
+        bases = base.float().cpu().split(splits)
+        per_head = states.split(splits, dim=1) if states is not None else [None] * len(splits)
+        return [SeqLogits(b, h) for b, h in zip(bases, per_head)]
+
+    @torch.inference_mode()
+    def head_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """(..., dim) head states from run() -> (..., vocab) logits, float32 on CPU: one projection for all
+        the rows the step's requests draft from."""
+        return torch.nn.functional.linear(states, self.model.output_weight()).float().cpu()

@@ -7,7 +7,9 @@ the chunk is the whole context).
 
 Decoding sequences (one new token each) are batched: sorted by context length and cut into groups whose
 lengths differ by at most 2x, each group runs as one SDPA call over its contexts gathered into a padded
-(B, Hkv, L, D) block with a key-padding mask. Prefill chunks run one SDPA call each. Grouped-query heads
+(B, Hkv, L, D) block with a key-padding mask. Sequences with a few new tokens after a cached context (a
+speculative verify: the last token and its drafts) are batched the same way, per token count, with a
+causal mask on top. Prefill chunks run one SDPA call each. Grouped-query heads
 never copy keys and values H / Hkv times: decoding queries are grouped per kv head, prefill uses SDPA's
 enable_gqa. The plan (groups, gather indices, masks) depends only on the step, so it is built once and
 shared by every layer.
@@ -20,25 +22,39 @@ import torch.nn.functional as F
 from ...batch import PagedBatch
 
 GROUP_SPAN = 2.0  # a decode group's longest context is at most this many times its shortest
+MAX_GROUP_QUERIES = 8  # sequences with at most this many new tokens after a cached context are batched
+
+
+def _is_grouped(n: int, ctx: int) -> bool:
+    return n == 1 or n <= MAX_GROUP_QUERIES and ctx > n
 
 
 def _decode_group(batch: PagedBatch, members: list[int], q_starts: list[int], k_starts: list[int],
-                  device: torch.device) -> tuple:
-    """(query rows, (B, L) cache slots, (B, 1, 1, L) key mask or None) of a group of decoding sequences."""
+                  device: torch.device, per_kv: int) -> tuple:
+    """(query rows (B * n,), (B, L) cache slots, key mask or None, n) of a group of sequences with n new
+    tokens each; the mask is (B, 1, 1, L) for n = 1, else (B, 1, n * per_kv, L) in the query layout below."""
+    n = batch.seqlens[members[0]]
     lens = [batch.context_lens[i] for i in members]
     L = max(lens)
-    rows = torch.tensor([q_starts[i] for i in members], device=device)
+    rows = torch.tensor([q_starts[i] + j for i in members for j in range(n)], device=device)
     start = torch.tensor([k_starts[i] for i in members], device=device)[:, None]
     length = torch.tensor(lens, device=device)[:, None]
     ar = torch.arange(L, device=device)[None, :]
     valid = ar < length
     # Padding positions read the sequence's first key (any valid slot) and are masked out.
     slots = batch.context_slots[torch.where(valid, start + ar, start)]
-    mask = None if min(lens) == L else valid[:, None, None, :]
-    return rows, slots, mask
+    if n == 1:
+        mask = None if min(lens) == L else valid[:, None, None, :]
+    else:
+        # New token j sees keys up to ctx - n + j (bottom-right causal; never padding); each of its per_kv
+        # query heads gets its row.
+        last = length - n + torch.arange(n, device=device)[None, :]        # (B, n)
+        mask = ar[:, None, :] <= last[:, :, None]                            # (B, n, L)
+        mask = mask.repeat_interleave(per_kv, dim=1)[:, None]               # (B, 1, n * per_kv, L)
+    return rows, slots, mask, n
 
 
-def _plan(batch: PagedBatch, device: torch.device) -> dict:
+def _plan(batch: PagedBatch, device: torch.device, per_kv: int) -> dict:
     if "paged_plan" in batch._plan:
         return batch._plan["paged_plan"]
     seqlens, ctxs = batch.seqlens, batch.context_lens
@@ -47,10 +63,11 @@ def _plan(batch: PagedBatch, device: torch.device) -> dict:
         q_starts.append(q)
         k_starts.append(k)
         q, k = q + n, k + ctx
-    decode = sorted((i for i, n in enumerate(seqlens) if n == 1), key=lambda i: -ctxs[i])
+    decode = sorted((i for i, (n, ctx) in enumerate(zip(seqlens, ctxs)) if _is_grouped(n, ctx)),
+                    key=lambda i: (seqlens[i], -ctxs[i]))
     groups, current = [], []
     for i in decode:
-        if current and ctxs[current[0]] > GROUP_SPAN * ctxs[i]:
+        if current and (seqlens[current[0]] != seqlens[i] or ctxs[current[0]] > GROUP_SPAN * ctxs[i]):
             groups.append(current)
             current = []
         current.append(i)
@@ -58,14 +75,15 @@ def _plan(batch: PagedBatch, device: torch.device) -> dict:
         groups.append(current)
     prefill = []
     for i, (n, ctx) in enumerate(zip(seqlens, ctxs)):
-        if n > 1:
+        if not _is_grouped(n, ctx):
             slots = batch.context_slots[k_starts[i]:k_starts[i] + ctx]
             mask = None
             if ctx != n:  # earlier tokens are cached: query j sees keys up to ctx - n + j
                 q_pos = torch.arange(ctx - n, ctx, device=device)
                 mask = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]  # (n, ctx)
             prefill.append((q_starts[i], n, slots, mask))
-    plan = {"decode": [_decode_group(batch, g, q_starts, k_starts, device) for g in groups], "prefill": prefill}
+    plan = {"decode": [_decode_group(batch, g, q_starts, k_starts, device, per_kv) for g in groups],
+            "prefill": prefill}
     batch._plan["paged_plan"] = plan
     return plan
 
@@ -98,20 +116,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBat
     batch.v_cache.index_copy_(0, batch.slot_mapping, v.to(batch.v_cache.dtype))
     hkv = k.shape[1]
     gqa = q.shape[1] != hkv
-    plan = _plan(batch, q.device)
+    plan = _plan(batch, q.device, q.shape[1] // hkv)
     scratch = batch._plan.get("paged_scratch")  # gather buffers reused across layers and steps (the runner's)
     if len(plan["prefill"]) == 1 and not plan["decode"]:
         out = None  # filled below as a whole
     else:
         out = torch.empty_like(q)
-    for rows, slots, mask in plan["decode"]:
+    d = q.shape[-1]
+    for rows, slots, mask, n in plan["decode"]:
         keys = _gather(batch.k_cache, slots, q.dtype, scratch, "k").transpose(1, 2)   # (B, Hkv, L, D)
         values = _gather(batch.v_cache, slots, q.dtype, scratch, "v").transpose(1, 2)
-        # One query per sequence: the H / Hkv query heads sharing a kv head become that head's query rows,
-        # (B, Hkv, H / Hkv, D), so each key and value is read once per kv head rather than once per query head.
-        qg = q[rows].view(len(rows), hkv, -1, q.shape[-1])
+        B = slots.shape[0]
+        # The H / Hkv query heads sharing a kv head (of each of the n new tokens) become that head's query
+        # rows, (B, Hkv, n * H / Hkv, D), so each key and value is read once per kv head, not per query head.
+        qg = q[rows].view(B, n, hkv, -1, d)
+        qg = qg.view(B, hkv, -1, d) if n == 1 else qg.transpose(1, 2).reshape(B, hkv, -1, d)
         o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
-        out[rows] = o.reshape(len(rows), -1, q.shape[-1])              # (B, H, D)
+        if n > 1:
+            o = o.view(B, hkv, n, -1, d).transpose(1, 2)               # (B, n, Hkv, H / Hkv, D)
+        out[rows] = o.reshape(B * n, -1, d)                            # (B * n, H, D)
     for start, n, slots, mask in plan["prefill"]:
         qi = q[start:start + n].transpose(0, 1)[None]                  # (1, H, n, D)
         ki = _gather(batch.k_cache, slots, q.dtype, scratch, "k").transpose(0, 1)[None]  # (1, Hkv, ctx, D)

@@ -1,0 +1,119 @@
+"""Speculative decoding with a model's MTP heads against ordinary decoding: the same engine, the same greedy
+requests, one process.
+
+For each batch size (max_num_seqs; 1 = requests one after another) the engine runs the same prompts twice,
+without and with --speculative, and reports generated tokens per second, engine steps, and for speculation the
+mean tokens per verify step and the acceptance rate of each head. Greedy outputs must be equal token for token
+(checked; a difference would be a float near-tie between two equally exact forwards, and is reported).
+
+Prompts are the starts of stdlib .py files (seeded choice), tokenized with the model's own tokenizer; EOS is
+ignored, so every request generates exactly --max-tokens tokens.
+
+    .venv/bin/python benchmarks/speculative.py --model runs/tiny_mtp                   # a run trained with heads
+    .venv/bin/python benchmarks/speculative.py --model runs/tiny_mtp --requests 4 --max-tokens 16   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from machine import machine_info
+from varlen.checkpoint import load_model
+from varlen.config import ServeConfig
+from varlen.data.corpus import stdlib_files
+from varlen.serve.engine import Engine
+from varlen.serve.request import SamplingParams
+
+
+def build_prompts(tok, n: int, prompt_tokens: int, seed: int) -> list[list[int]]:
+    files = [p for p in stdlib_files() if p.stat().st_size > 4 * prompt_tokens]
+    chosen = random.Random(seed).sample(files, n)
+    return [[tok.bos_id] + tok.encode(p.read_text(errors="replace"))[:prompt_tokens] for p in chosen]
+
+
+def run(model, tok, prompts: list[list[int]], args, batch: int, speculative: bool) -> dict:
+    cfg = ServeConfig(max_num_seqs=batch, kv_cache_gib=args.kv_cache_gib, speculative=speculative,
+                      num_speculative=args.num_speculative if speculative else 0,
+                      max_model_len=args.prompt_tokens + 1 + args.max_tokens)
+    eng = Engine(model, tok, cfg)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    eng.generate([prompts[0][:8]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # warm-up
+    warm = eng.spec_stats.drafted[:], eng.spec_stats.accepted[:], eng.spec_stats.verify_steps, eng.spec_stats.emitted
+    outputs: dict[str, list[int]] = {}
+    steps = 0
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        eng.add_request(p, params, f"r{i}")
+    while eng.has_unfinished():
+        for o in eng.step():
+            outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
+        steps += 1
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(v) for v in outputs.values())
+    s = eng.spec_stats
+    drafted = [a - b for a, b in zip(s.drafted, warm[0])]
+    accepted = [a - b for a, b in zip(s.accepted, warm[1])]
+    verify_steps, emitted = s.verify_steps - warm[2], s.emitted - warm[3]
+    res = {"batch": batch, "speculative": speculative, "seconds": seconds, "tokens": tokens,
+           "tokens_per_s": tokens / seconds, "engine_steps": steps,
+           "outputs": [outputs[f"r{i}"] for i in range(len(prompts))]}
+    if speculative:
+        res.update({"num_speculative": eng.num_speculative, "verify_steps": verify_steps,
+                    "tokens_per_verify_step": emitted / max(verify_steps, 1),
+                    "acceptance_per_head": [a / d if d else 0.0 for a, d in zip(accepted, drafted)]})
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="varlen run/checkpoint (or HF directory) with MTP heads")
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--batch-sizes", default="1,16", help="max_num_seqs values, comma-separated")
+    ap.add_argument("--num-speculative", type=int, default=0, help="drafts per step (0 = one per head)")
+    ap.add_argument("--kv-cache-gib", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "speculative.json"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, cfg, tok = load_model(args.model)
+    if not cfg.model.mtp_heads:
+        print(f"--model {args.model} has no MTP heads; train one with --model.mtp_heads 3", file=sys.stderr)
+        return 2
+    prompts = build_prompts(tok, args.requests, args.prompt_tokens, args.seed)
+    info = machine_info(torch.get_num_threads(), packages=())
+    print(json.dumps(info))
+    results = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        plain = run(model, tok, prompts, args, batch, speculative=False)
+        spec = run(model, tok, prompts, args, batch, speculative=True)
+        same = sum(a == b for a, b in zip(plain["outputs"], spec["outputs"]))
+        for r in (plain, spec):
+            r.pop("outputs")
+        row = {"batch": batch, "plain": plain, "speculative": spec, "outputs_equal": same == len(prompts),
+               "requests_equal": same, "speedup": spec["tokens_per_s"] / plain["tokens_per_s"]}
+        results.append(row)
+        print(f"batch {batch:3d}: plain {plain['tokens_per_s']:8.1f} tok/s ({plain['engine_steps']} steps), "
+              f"speculative {spec['tokens_per_s']:8.1f} tok/s ({spec['engine_steps']} steps, "
+              f"{spec['tokens_per_verify_step']:.2f} tokens/verify step, acceptance per head "
+              + " ".join(f"{a:.2f}" for a in spec["acceptance_per_head"])
+              + f"); x{row['speedup']:.2f}; outputs equal {same}/{len(prompts)}")
+    out = {"machine": info, "model": args.model, "mtp_heads": cfg.model.mtp_heads,
+           "params": {k: v for k, v in vars(args).items() if k != "out"}, "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
