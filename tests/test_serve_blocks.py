@@ -28,15 +28,13 @@ ops = st.lists(st.tuples(st.sampled_from(["add", "step", "step", "step", "abort"
                min_size=1, max_size=80)
 
 
-@settings(max_examples=150, deadline=None)
-@given(ops=ops, num_blocks=st.integers(8, 40), block_size=st.sampled_from([1, 2, 4, 16]),
-       budget=st.integers(1, 64), max_seqs=st.integers(1, 6), caching=st.booleans())
-def test_no_block_leaked_or_double_freed(ops, num_blocks, block_size, budget, max_seqs, caching):
-    blocks = BlockManager(num_blocks, block_size, caching)
-    sched = Scheduler(blocks, max_seqs, budget)
+def run_traffic(ops, blocks: BlockManager, sched: Scheduler, step, check=lambda running, live: None) -> None:
+    """Random arrivals, steps and aborts, then a drain; block invariants checked after every operation.
+
+    step(sched, rng) plays the engine after one forward; check(running, live) adds a caller's own checks."""
     live: list[Request] = []
     shared = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]  # a common prefix, so prefix-cache hits happen
-    capacity = num_blocks * block_size
+    capacity = blocks.num_blocks * blocks.block_size
     for i, (op, x) in enumerate(ops):
         rng = random.Random(x)
         if op == "add":
@@ -49,22 +47,33 @@ def test_no_block_leaked_or_double_freed(ops, num_blocks, block_size, budget, ma
             sched.add(req)
             live.append(req)
         elif op == "step":
-            fake_step(sched, rng, vocab=6)
+            step(sched, rng)
         elif op == "abort" and live:
             req = live[x % len(live)]
             if not req.is_finished:
                 sched.finish(req, "abort")
         live = [r for r in live if not r.is_finished]
-        blocks.check([r for r in live if r.status is Status.RUNNING])
+        running = [r for r in live if r.status is Status.RUNNING]
+        blocks.check(running)
+        check(running, live)
         assert all(not r.block_table for r in live if r.status is Status.WAITING)
     # Drain: every request finishes and every block comes back.
     for _ in range(10_000):
         if not sched.has_work():
             break
-        fake_step(sched, random.Random(0), vocab=6)
+        step(sched, random.Random(0))
         blocks.check(sched.running)
+        check(sched.running, sched.running)
     assert not sched.has_work(), "requests starved: the queue never drained"
-    assert blocks.num_free_blocks == num_blocks
+    assert blocks.num_free_blocks == blocks.num_blocks
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=ops, num_blocks=st.integers(8, 40), block_size=st.sampled_from([1, 2, 4, 16]),
+       budget=st.integers(1, 64), max_seqs=st.integers(1, 6), caching=st.booleans())
+def test_no_block_leaked_or_double_freed(ops, num_blocks, block_size, budget, max_seqs, caching):
+    blocks = BlockManager(num_blocks, block_size, caching)
+    run_traffic(ops, blocks, Scheduler(blocks, max_seqs, budget), lambda sched, rng: fake_step(sched, rng, vocab=6))
 
 
 def test_prefix_hits_share_blocks_and_leave_the_last_token_to_compute():

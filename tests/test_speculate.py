@@ -25,6 +25,8 @@ from varlen.serve.runner import kv_bytes_per_token
 from varlen.serve.scheduler import Scheduler
 from varlen.serve.speculate import SpecStats, accept, verify_greedy, verify_sampling
 
+from .test_serve_blocks import ops, run_traffic
+
 CFG = ModelConfig(vocab_size=320, dim=64, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=256, mtp_heads=3,
                   tie_embeddings=False)
 
@@ -466,49 +468,19 @@ def check_prefix_cache(blocks: BlockManager, live: list[Request]) -> None:
             assert blocks.block_tokens[r.block_table[b]] == tuple(ids[b * bs:(b + 1) * bs])
 
 
-ops = st.lists(st.tuples(st.sampled_from(["add", "step", "step", "step", "abort"]), st.integers(0, 10 ** 6)),
-               min_size=1, max_size=80)
-
-
 @settings(max_examples=150, deadline=None)
 @given(ops=ops, num_blocks=st.integers(8, 40), block_size=st.sampled_from([1, 2, 4, 16]),
        budget=st.integers(1, 64), max_seqs=st.integers(1, 6), caching=st.booleans(), k=st.integers(1, 4))
 def test_no_block_leaked_with_random_drafts_and_accept_patterns(ops, num_blocks, block_size, budget, max_seqs,
                                                                 caching, k):
     blocks = BlockManager(num_blocks, block_size, caching)
-    sched = Scheduler(blocks, max_seqs, budget)
-    live: list[Request] = []
-    shared = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]  # a common prefix, so prefix-cache hits happen
-    capacity = num_blocks * block_size
-    for i, (op, x) in enumerate(ops):
-        rng = random.Random(x)
-        if op == "add":
-            n_prompt, max_tokens = rng.randint(1, 30), rng.randint(1, 20)
-            if n_prompt + max_tokens > capacity:
-                continue
-            prompt = (shared[:rng.randint(0, len(shared))] + [rng.randrange(6) for _ in range(n_prompt)])[:n_prompt]
-            req = Request(f"r{i}", prompt, SamplingParams(max_tokens=max_tokens))
-            sched.add(req)
-            live.append(req)
-        elif op == "step":
-            fake_spec_step(sched, rng, vocab=6, k=k)
-        elif op == "abort" and live:
-            req = live[x % len(live)]
-            if not req.is_finished:
-                sched.finish(req, "abort")
-        live = [r for r in live if not r.is_finished]
-        running = [r for r in live if r.status is Status.RUNNING]
-        blocks.check(running)
+
+    def check(running: list[Request], live: list[Request]) -> None:
         check_prefix_cache(blocks, running)
-        assert all(not r.block_table and not r.draft_ids for r in live if r.status is Status.WAITING)
-    for _ in range(10_000):
-        if not sched.has_work():
-            break
-        fake_spec_step(sched, random.Random(0), vocab=6, k=k)
-        blocks.check(sched.running)
-        check_prefix_cache(blocks, sched.running)
-    assert not sched.has_work(), "requests starved: the queue never drained"
-    assert blocks.num_free_blocks == num_blocks
+        assert all(not r.draft_ids for r in live if r.status is Status.WAITING)
+
+    run_traffic(ops, blocks, Scheduler(blocks, max_seqs, budget),
+                lambda sched, rng: fake_spec_step(sched, rng, vocab=6, k=k), check)
 
 
 def test_truncate_returns_draft_blocks_first_in_line():
