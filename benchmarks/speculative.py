@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from machine import machine_info
+from varlen.batch import Batch
 from varlen.checkpoint import load_model
 from varlen.config import ServeConfig
 from varlen.data.corpus import stdlib_files
@@ -40,6 +41,7 @@ def build_prompts(tok, n: int, prompt_tokens: int, seed: int) -> list[list[int]]
 def run(model, tok, prompts: list[list[int]], args, batch: int, speculative: bool) -> dict:
     cfg = ServeConfig(max_num_seqs=batch, kv_cache_gib=args.kv_cache_gib, speculative=speculative,
                       num_speculative=args.num_speculative if speculative else 0,
+                      speculative_max_batch=args.speculative_max_batch if speculative else 0,
                       max_model_len=args.prompt_tokens + 1 + args.max_tokens)
     eng = Engine(model, tok, cfg)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
@@ -70,6 +72,26 @@ def run(model, tok, prompts: list[list[int]], args, batch: int, speculative: boo
     return res
 
 
+@torch.no_grad()
+def head_agreement(model, prompts: list[list[int]], outputs: list[list[int]]) -> list[float]:
+    """Over every generated position t of the greedy outputs: the share where heads 1..j all name the tokens
+    greedy decoding produced at t+2..t+1+j (what drafting from every position would accept). Serving drafts
+    only from the position where the previous verify step ended, so its acceptance can differ."""
+    k = model.cfg.mtp_heads
+    hits, n = [0] * k, 0
+    for prompt, out in zip(prompts, outputs):
+        ids = torch.tensor(prompt + out)
+        _, heads = model(ids, Batch.from_seqlens([len(ids)]), heads=True)
+        guess = torch.stack([h.argmax(-1) for h in heads])                 # (k, T): head j+1 at t -> t+2+j
+        for t in range(len(prompt) - 1, len(ids) - 1 - k):
+            n += 1
+            for j in range(k):
+                if int(guess[j, t]) != int(ids[t + 2 + j]):
+                    break
+                hits[j] += 1
+    return [h / max(n, 1) for h in hits]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="varlen run/checkpoint (or HF directory) with MTP heads")
@@ -78,6 +100,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--batch-sizes", default="1,16", help="max_num_seqs values, comma-separated")
     ap.add_argument("--num-speculative", type=int, default=0, help="drafts per step (0 = one per head)")
+    ap.add_argument("--speculative-max-batch", type=int, default=0,
+                    help="draft only while at most this many requests run (0 = always)")
     ap.add_argument("--kv-cache-gib", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--seed", type=int, default=0)
@@ -92,22 +116,30 @@ def main() -> int:
     prompts = build_prompts(tok, args.requests, args.prompt_tokens, args.seed)
     info = machine_info(torch.get_num_threads(), packages=())
     print(json.dumps(info))
+    print(f"model {args.model}: {cfg.model.n_layer} layers, dim {cfg.model.dim}, {cfg.model.mtp_heads} "
+          f"{cfg.model.mtp_head} MTP heads")
     results = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         plain = run(model, tok, prompts, args, batch, speculative=False)
         spec = run(model, tok, prompts, args, batch, speculative=True)
         same = sum(a == b for a, b in zip(plain["outputs"], spec["outputs"]))
+        agreement = head_agreement(model, prompts, plain["outputs"])
         for r in (plain, spec):
             r.pop("outputs")
         row = {"batch": batch, "plain": plain, "speculative": spec, "outputs_equal": same == len(prompts),
-               "requests_equal": same, "speedup": spec["tokens_per_s"] / plain["tokens_per_s"]}
+               "requests_equal": same, "speedup": spec["tokens_per_s"] / plain["tokens_per_s"],
+               "head_agreement_all_positions": agreement}
         results.append(row)
-        print(f"batch {batch:3d}: plain {plain['tokens_per_s']:8.1f} tok/s ({plain['engine_steps']} steps), "
-              f"speculative {spec['tokens_per_s']:8.1f} tok/s ({spec['engine_steps']} steps, "
+        ms = [1e3 * r["seconds"] / r["engine_steps"] for r in (plain, spec)]
+        print(f"batch {batch:3d}: plain {plain['tokens_per_s']:8.1f} tok/s ({plain['engine_steps']} steps, "
+              f"{ms[0]:.2f} ms/step), speculative {spec['tokens_per_s']:8.1f} tok/s ({spec['engine_steps']} steps, "
+              f"{ms[1]:.2f} ms/step, "
               f"{spec['tokens_per_verify_step']:.2f} tokens/verify step, acceptance per head "
               + " ".join(f"{a:.2f}" for a in spec["acceptance_per_head"])
               + f"); x{row['speedup']:.2f}; outputs equal {same}/{len(prompts)}")
-    out = {"machine": info, "model": args.model, "mtp_heads": cfg.model.mtp_heads,
+        print("           heads 1..j all right at every generated position (not only where a draft starts): "
+              + " ".join(f"{a:.2f}" for a in agreement))
+    out = {"machine": info, "model": args.model, "mtp_heads": cfg.model.mtp_heads, "mtp_head": cfg.model.mtp_head,
            "params": {k: v for k, v in vars(args).items() if k != "out"}, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

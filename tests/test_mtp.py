@@ -146,6 +146,35 @@ def test_missing_heads_start_as_copies_of_the_last_layer_and_present_ones_are_ke
         load_with_heads(model, {k: v for k, v in state.items() if k != "norm.weight"})
 
 
+def test_mlp_heads_have_no_attention_and_start_as_the_last_layers_mlp():
+    model = model_with_heads(ModelConfig(**{**CFG.__dict__, "mtp_head": "mlp"}), seed=3)
+    keys = set(model.mtp.blocks[0].state_dict())
+    assert keys == {"post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                    "mlp.down_proj.weight"} and not model.mtp.attends
+    trunk = {k: v for k, v in model_with_heads(CFG, seed=4).state_dict().items() if not k.startswith("mtp.")}
+    assert load_with_heads(model, trunk) == [1, 2]
+    last = model.layers[-1].state_dict()
+    assert all(torch.equal(v, last[k]) for b in model.mtp.blocks for k, v in b.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["block", "mlp"])
+def test_serving_draft_logits_equal_the_training_head_logits(kind):
+    """The serving split (base logits and draft states at some rows, then draft_logits on the rows a request
+    drafts from) gives the head logits training computes, for the first num_heads heads."""
+    model = model_with_heads(ModelConfig(**{**CFG.__dict__, "mtp_head": kind}), seed=5)
+    ids, batch = torch.randint(0, CFG.vocab_size, (30,)), Batch.from_seqlens([12, 18])
+    rows = torch.tensor([3, 11, 29])
+    with torch.no_grad():
+        want_base, want_heads = model(ids, batch, rows, heads=True)
+        for num in (1, 2):
+            base, states = model.logits_and_draft_states(ids, batch, rows, num)
+            assert states.shape[:2] == (3, num if kind == "block" else 1)
+            got = model.draft_logits(states, num)
+            assert torch.allclose(base, want_base, atol=1e-5) and got.shape == (3, num, CFG.vocab_size)
+            for j in range(num):
+                assert torch.allclose(got[:, j], want_heads[j], atol=1e-5), (kind, num, j)
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 @pytest.fixture(scope="module")
@@ -159,15 +188,17 @@ def train(corpus, out, *extra):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_training_with_heads_lowers_their_validation_losses(corpus, tmp_path):
-    rows = train(corpus, tmp_path / "run", "--model.mtp_heads", "2", "--train.max_steps", "8",
-                 "--train.eval_every", "1")
+@pytest.mark.parametrize("kind", ["block", "mlp"])
+def test_training_with_heads_lowers_their_validation_losses(corpus, tmp_path, kind):
+    rows = train(corpus, tmp_path / "run", "--model.mtp_heads", "2", "--model.mtp_head", kind,
+                 "--train.max_steps", "8", "--train.eval_every", "1")
     first, last = rows[0]["val_loss_heads"], rows[-1]["val_loss_heads"]
     assert len(first) == 2 and all(b < a - 0.3 for a, b in zip(first, last)), (first, last)
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000008"
     assert not any(k.startswith("mtp.") for k in load_file(str(ckpt / "model.safetensors")))
-    assert len(load_file(str(ckpt / io.MTP_WEIGHTS))) == 2 * len(Transformer(CFG).layers[0].state_dict())
+    per_head = 9 if kind == "block" else 4  # an mlp head: its norm and the three MLP matrices
+    assert len(load_file(str(ckpt / io.MTP_WEIGHTS))) == 2 * per_head
 
 
 def test_frozen_trunk_stays_bitwise_while_heads_train(corpus, tmp_path):
@@ -189,6 +220,19 @@ def test_frozen_trunk_stays_bitwise_while_heads_train(corpus, tmp_path):
     assert len({r["val_loss"] for r in rows if "val_loss" in r}) == 1  # base predictions never changed
 
 
+def test_init_from_heads_of_another_kind_is_refused_and_dropping_heads_is_said(corpus, tmp_path, capsys):
+    tok = train_tokenizer([p.read_text(errors="replace") for p in sorted(corpus.glob("*.py"))], 300)
+    cfg = Config(model=ModelConfig(**{**CFG.__dict__, "vocab_size": tok.vocab_size, "mtp_head": "mlp"}))
+    hf_llama.save_varlen(model_with_heads(cfg.model), cfg, tok, tmp_path / "init")
+    args = ["train", "--corpus", str(corpus), "--data.glob", "*.py", "--no-progress", *TINY,
+            "--init-from", str(tmp_path / "init"), "--train.max_steps", "1", "--train.eval_every", "0"]
+    assert cli_main([*args, "--out", str(tmp_path / "a"), "--model.mtp_heads", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "has mlp MTP heads" in err and "pass --model.mtp_head mlp" in err
+    assert cli_main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert "has 2 MTP heads; this run keeps 0" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 @pytest.fixture(scope="module")
@@ -206,14 +250,15 @@ def assert_same_outputs(a, b):
     assert all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
 
 
-def test_varlen_checkpoint_keeps_heads_in_their_own_file(tmp_path, tokenizer):
-    cfg = Config(model=ModelConfig(**{**CFG.__dict__, "vocab_size": tokenizer.vocab_size}))
+@pytest.mark.parametrize("kind", ["block", "mlp"])
+def test_varlen_checkpoint_keeps_heads_in_their_own_file(tmp_path, tokenizer, kind):
+    cfg = Config(model=ModelConfig(**{**CFG.__dict__, "vocab_size": tokenizer.vocab_size, "mtp_head": kind}))
     model = model_with_heads(cfg.model)
     hf_llama.save_varlen(model, cfg, tokenizer, tmp_path / "ckpt")
     assert set(load_file(str(tmp_path / "ckpt" / io.MTP_WEIGHTS))) == {k for k in model.state_dict()
                                                                         if k.startswith("mtp.")}
     back, cfg2, _ = load_model(tmp_path / "ckpt")
-    assert cfg2.model.mtp_heads == 2
+    assert (cfg2.model.mtp_heads, cfg2.model.mtp_head) == (2, kind)
     ids, batch = torch.randint(0, tokenizer.vocab_size, (30,)), Batch.from_seqlens([10, 20])
     assert_same_outputs(head_logits(model, ids, batch), head_logits(back, ids, batch))
 
@@ -222,12 +267,15 @@ def test_varlen_checkpoint_keeps_heads_in_their_own_file(tmp_path, tokenizer):
         load_model(tmp_path / "ckpt")
 
 
-def test_hf_export_loads_in_transformers_as_the_base_model_and_reimports_the_heads(tmp_path, tokenizer):
+@pytest.mark.parametrize("kind", ["block", "mlp"])
+def test_hf_export_loads_in_transformers_as_the_base_model_and_reimports_the_heads(tmp_path, tokenizer, kind):
     transformers = pytest.importorskip("transformers")
-    cfg = Config(model=ModelConfig(**{**CFG.__dict__, "vocab_size": tokenizer.vocab_size, "tie_embeddings": False}))
+    cfg = Config(model=ModelConfig(**{**CFG.__dict__, "vocab_size": tokenizer.vocab_size, "tie_embeddings": False,
+                                      "mtp_head": kind}))
     model = model_with_heads(cfg.model)
     hf_llama.save_hf(model, cfg, tokenizer, tmp_path / "hf")
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["varlen_mtp_heads"] == 2
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (written["varlen_mtp_heads"], written["varlen_mtp_head"]) == (2, kind)
     assert not any(k.startswith("mtp.") for k in load_file(str(tmp_path / "hf" / "model.safetensors")))
 
     hf, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
@@ -239,7 +287,7 @@ def test_hf_export_loads_in_transformers_as_the_base_model_and_reimports_the_hea
     assert (model(ids, batch) - theirs).abs().max().item() <= 1e-4
 
     back, cfg2, _ = load_model(tmp_path / "hf")
-    assert cfg2.model.mtp_heads == 2
+    assert (cfg2.model.mtp_heads, cfg2.model.mtp_head) == (2, kind)
     assert_same_outputs(head_logits(model, ids, batch), head_logits(back, ids, batch))
 
     plain_cfg = Config(model=ModelConfig(**{**cfg.model.__dict__, "mtp_heads": 0}))

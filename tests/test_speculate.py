@@ -67,12 +67,14 @@ def sharp():
 CYCLE_V = 48
 
 
-@pytest.fixture(scope="module")
-def cycle():
+@pytest.fixture(scope="module", params=["block", "mlp"])
+def cycle(request):
     """A model trained for a few seconds on walks along one fixed cycle through the vocabulary (15% random
-    jumps): its heads learn the cycle too, so most drafts are right, as with a trained model's heads."""
+    jumps): its heads learn the cycle too, so most drafts are right, as with a trained model's heads. Once
+    with each kind of head: block heads draft from their cache, mlp heads from the trunk state alone."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=CYCLE_V, dim=48, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=160, mtp_heads=3)
+    cfg = ModelConfig(vocab_size=CYCLE_V, dim=48, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=160, mtp_heads=3,
+                      mtp_head=request.param)
     model = Transformer(cfg)
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(CYCLE_V, generator=g)
@@ -224,7 +226,7 @@ def test_preemption_under_a_tiny_cache_gives_the_same_tokens(cycle):
     reqs = [(f"p{i}", p, greedy(40), 0) for i, p in enumerate(prompts(6, CYCLE_V, seed=4, lo=20, hi=40))]
     want = ordinary(cycle, tok, reqs)
     cfg = cycle.cfg
-    gib = 12 * 16 * kv_bytes_per_token(cfg, torch.float32, heads=True) / 2 ** 30
+    gib = 12 * 16 * kv_bytes_per_token(cfg, torch.float32, heads=cfg.mtp_heads) / 2 ** 30
     eng = engine(cycle, tok, speculative=True, kv_cache_gib=gib, max_model_len=128)
     assert eng.blocks.num_blocks == 12  # six 60-80-token sequences need more: some are preempted
     preempted = []
@@ -232,6 +234,25 @@ def test_preemption_under_a_tiny_cache_gives_the_same_tokens(cycle):
     eng.scheduler._preempt = lambda req, plan: (preempted.append(req.request_id), plain(req, plan))
     got, most = run(eng, reqs)
     assert got == want and preempted and most > 1
+
+
+def test_drafting_pauses_while_more_requests_run_than_speculative_max_batch(cycle):
+    tok = Letters()
+    reqs = [(f"p{i}", p, greedy(n), 0) for i, (p, n) in enumerate(zip(prompts(4, CYCLE_V, seed=5), (6, 12, 40, 40)))]
+    want = ordinary(cycle, tok, reqs)
+    eng = engine(cycle, tok, speculative=True, speculative_max_batch=2)
+    for rid, p, params, _ in reqs:
+        eng.add_request(p, params, rid)
+    got, running_while_drafting = {}, []
+    while eng.has_unfinished():
+        drafted = any(r.draft_ids for r in eng.scheduler.running)
+        if drafted:
+            running_while_drafting.append(len(eng.scheduler.running))
+        for o in eng.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+    assert {rid: v[0] for rid, v in want.items()} == got
+    # Drafts only once two of the four requests had finished, and then on most steps.
+    assert running_while_drafting and max(running_while_drafting) <= 2 and eng.spec_stats.verify_steps > 5
 
 
 def test_logprobs_and_streamed_text_match_ordinary_decoding(cycle):
@@ -507,8 +528,11 @@ def test_speculative_needs_heads_and_at_most_one_draft_per_head(tokenizer):
     assert "--speculative" in msg and "--model.mtp_heads 3" in msg and "--train.freeze_trunk" in msg
     with pytest.raises(ConfigError, match="--num-speculative is 4.*3 MTP heads"):
         engine(Transformer(CFG), tokenizer, speculative=True, num_speculative=4)
+    # Only the heads that draft run; block heads keep a cache layer each, mlp heads none.
     eng = engine(Transformer(CFG), tokenizer, speculative=True, num_speculative=2)
-    assert eng.num_speculative == 2 and len(eng.runner.k_cache) == CFG.n_layer + CFG.mtp_heads
+    assert eng.num_speculative == 2 and len(eng.runner.k_cache) == CFG.n_layer + 2
+    eng = engine(Transformer(ModelConfig(**{**CFG.__dict__, "mtp_head": "mlp"})), tokenizer, speculative=True)
+    assert eng.num_speculative == 3 and len(eng.runner.k_cache) == CFG.n_layer
 
 
 def test_metrics_report_acceptance_per_head():
@@ -543,3 +567,5 @@ def test_cli_sample_and_serve_speculative(tmp_path, sharp, tokenizer, capsys):
     assert "--model.mtp_heads 3" in capsys.readouterr().err
     assert cli_main(["serve", str(ckpt), "--num-speculative", "2", "--port", "1"]) == 2
     assert "--num-speculative needs --speculative" in capsys.readouterr().err
+    assert cli_main(["serve", str(ckpt), "--speculative-max-batch", "4", "--port", "1"]) == 2
+    assert "--speculative-max-batch needs --speculative" in capsys.readouterr().err

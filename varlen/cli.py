@@ -198,10 +198,12 @@ def _serve_config(args: argparse.Namespace):
     cfg = ServeConfig(block_size=args.block_size, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                       max_waiting=args.max_waiting, speculative=args.speculative,
-                      num_speculative=args.num_speculative)
+                      num_speculative=args.num_speculative, speculative_max_batch=args.speculative_max_batch)
     checks = [(cfg.block_size >= 1, "--block-size must be at least 1"),
               (cfg.num_speculative >= 0, "--num-speculative must be 0 (one draft per MTP head) or positive"),
               (cfg.speculative or not cfg.num_speculative, "--num-speculative needs --speculative"),
+              (cfg.speculative_max_batch >= 0, "--speculative-max-batch must be 0 (always draft) or positive"),
+              (cfg.speculative or not cfg.speculative_max_batch, "--speculative-max-batch needs --speculative"),
               (cfg.kv_cache_gib > 0, "--kv-cache-gib must be positive"),
               (cfg.max_num_seqs >= 1, "--max-num-seqs must be at least 1"),
               (cfg.max_num_batched_tokens >= 1, "--max-num-batched-tokens must be at least 1"),
@@ -359,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def engine_options(sp: argparse.ArgumentParser) -> None:
         speculative_options(sp)
+        sp.add_argument("--speculative-max-batch", type=int, default=0, metavar="N",
+                        help="with --speculative, draft only while at most N requests run (default 0: always); "
+                             "a big batch keeps the hardware busy, and verifying drafts can cost more than it saves")
         sp.add_argument("--kv-cache-gib", type=float, default=0.5, help="memory for the paged KV cache (GiB)")
         sp.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
         sp.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")

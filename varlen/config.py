@@ -11,6 +11,9 @@ from typing import Any
 import yaml
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# block: attends over its own cache layer, so it runs on every token; mlp: reads only its own position's trunk
+# state, so serving runs it only on the row a request drafts from (cheaper drafts, usually lower acceptance).
+MTP_HEAD_KINDS = ("block", "mlp")
 
 
 class ConfigError(ValueError):
@@ -36,6 +39,7 @@ class ModelConfig:
     max_seq_len: int = 512       # longest sequence the model sees; longer documents are cut into pieces
     attention: str = "auto"      # auto | sdpa_docs | flex | flash | reference
     mtp_heads: int = 0           # extra heads, head j predicting token t+1+j (Gloeckle et al. 2024); 0 = off
+    mtp_head: str = "block"      # block (a transformer block per head) | mlp (its SwiGLU MLP only, no attention)
 
     @property
     def head_dim(self) -> int:
@@ -110,6 +114,7 @@ class ServeConfig:
     max_logprobs: int = 5               # top alternatives per token
     speculative: bool = False           # draft tokens with the model's MTP heads, verify them in the next step
     num_speculative: int = 0            # drafts per step (<= the model's mtp_heads); 0 = one per head
+    speculative_max_batch: int = 0      # draft only while at most this many requests run; 0 = always
 
 
 @dataclass
@@ -281,6 +286,8 @@ def validate(cfg: Config) -> None:
         (lambda: d.row_tokens >= 0, f"data.row_tokens is {d.row_tokens}; use 0 (no cap) or a positive count"),
         (lambda: 0 <= d.val_fraction < 1, f"data.val_fraction is {d.val_fraction}; use a value in [0, 1)"),
         (lambda: m.mtp_heads >= 0, f"model.mtp_heads is {m.mtp_heads}; use 0 (off) or a positive head count"),
+        (lambda: m.mtp_head in MTP_HEAD_KINDS,
+         f"model.mtp_head is {m.mtp_head!r}; use one of: {', '.join(MTP_HEAD_KINDS)}"),
         (lambda: t.mtp_weight > 0 or m.mtp_heads == 0,
          f"train.mtp_weight is {t.mtp_weight}; with model.mtp_heads > 0 it must be positive (e.g. 0.3)"),
         (lambda: not t.freeze_trunk or m.mtp_heads > 0,

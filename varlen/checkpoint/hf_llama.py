@@ -5,8 +5,8 @@ so weights cross unchanged; only the config needs translating. Weights are read 
 a pickle (`.bin`) checkpoint is refused, never loaded.
 
 MTP heads are not part of Llama: an export writes them to mtp_heads.safetensors (varlen's key names) and
-their count to config.json as `varlen_mtp_heads`, which transformers keeps as an unused attribute; so
-transformers loads the base model alone, and importing the directory back restores the heads.
+their count and kind to config.json as `varlen_mtp_heads` and `varlen_mtp_head`, which transformers keeps
+as unused attributes; so transformers loads the base model alone, and importing the directory back restores the heads.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 ROPE_TYPES = ("default", "llama3")
 MTP_HEADS_KEY = "varlen_mtp_heads"  # config.json: the head count of mtp_heads.safetensors
+MTP_HEAD_KEY = "varlen_mtp_head"    # and their kind (ModelConfig.mtp_head); absent = "block"
 
 
 def hf_name(name: str) -> str:
@@ -103,6 +104,7 @@ def config_from_hf(hf: dict, source: Path) -> ModelConfig:
         n_kv_head=int(hf.get("num_key_value_heads") or n_head), ffn_hidden=int(hf["intermediate_size"]),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_seq_len=int(hf.get("max_position_embeddings", 2048)), mtp_heads=int(hf.get(MTP_HEADS_KEY, 0)),
+        mtp_head=str(hf.get(MTP_HEAD_KEY, "block")),
         **_rope_from_hf(hf, source))
 
 
@@ -121,7 +123,7 @@ def config_to_hf(cfg: ModelConfig, tokenizer: TextTokenizer) -> dict:
         "rope_theta": cfg.rope_theta, "rope_scaling": scaling, "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False, "mlp_bias": False, "bos_token_id": tokenizer.bos_id,
         "eos_token_id": tokenizer.eod_id, "torch_dtype": "float32", "use_cache": True,
-        **({MTP_HEADS_KEY: cfg.mtp_heads} if cfg.mtp_heads else {}),
+        **({MTP_HEADS_KEY: cfg.mtp_heads, MTP_HEAD_KEY: cfg.mtp_head} if cfg.mtp_heads else {}),
     }
 
 

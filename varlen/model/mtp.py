@@ -1,9 +1,12 @@
 """Multi-token-prediction heads (Gloeckle et al. 2024): head j (1..k) predicts token t+1+j from position t.
 
-Each head is one transformer block over the trunk's last hidden state (before the final norm); its output
-goes through the trunk's own final norm and unembedding, so a head adds one block of parameters and the
-ordinary next-token output (j = 0) is untouched. The heads are drafts for speculative decoding and a
-training signal; they never change the base logits.
+Each head is one transformer block over the trunk's last hidden state (before the final norm), or with
+model.mtp_head = "mlp" that block's MLP half alone (a residual SwiGLU, as Medusa's heads are residual
+MLPs); its output goes through the trunk's own final norm and unembedding, so a head adds one block (or
+MLP) of parameters and the ordinary next-token output (j = 0) is untouched. The heads are drafts for
+speculative decoding and a training signal; they never change the base logits. An mlp head sees only its
+own position, so serving runs it on the one row a request drafts from, where a block head must run on
+every token to keep its keys and values.
 """
 from __future__ import annotations
 
@@ -58,22 +61,26 @@ class MTPHeads(nn.Module):
     """k blocks run side by side on the trunk's hidden states; block j-1 is head j.
 
     The blocks are passed in (the trunk's Block class) so this module does not import the transformer.
-    In serving, head j keeps its keys and values in paged-cache layer `first_cache_layer + j - 1`
-    (first_cache_layer = n_layer), so a cache of n_layer + k layers holds trunk and heads.
+    Attending heads ("block") keep their keys and values in serving in paged-cache layer
+    `first_cache_layer + j - 1` (first_cache_layer = n_layer), so a cache of n_layer + k layers holds trunk
+    and heads; "mlp" heads read only their own position and need no cache.
     """
 
     def __init__(self, blocks: list[nn.Module], first_cache_layer: int):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.first_cache_layer = first_cache_layer
+        self.attends = all(b.attends for b in blocks)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, attend,
-                ) -> list[torch.Tensor]:
-        """x (T, dim): the trunk's last hidden states before the final norm -> one (T, dim) per head,
-        also before the final norm. A PagedBatch reads and writes each head's own cache layer."""
-        paged = isinstance(batch, PagedBatch)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                batch: Batch | None = None, attend=None, num_heads: int | None = None) -> list[torch.Tensor]:
+        """x (T, dim): the trunk's last hidden states before the final norm -> one (T, dim) per head (the first
+        num_heads, default all), also before the final norm. A PagedBatch reads and writes each attending
+        head's own cache layer."""
+        paged = self.attends and isinstance(batch, PagedBatch)
+        blocks = self.blocks[:num_heads]
         return [block(x, cos, sin, batch.layer_view(self.first_cache_layer + i) if paged else batch, attend)
-                for i, block in enumerate(self.blocks)]
+                for i, block in enumerate(blocks)]
 
 
 def load_with_heads(model: nn.Module, state: dict[str, torch.Tensor]) -> list[int]:
@@ -101,7 +108,8 @@ def load_with_heads(model: nn.Module, state: dict[str, torch.Tensor]) -> list[in
         prefix = f"{PREFIX}blocks.{i}."
         have = {k for k in state if k.startswith(prefix)}
         if not have:
-            block.load_state_dict(model.layers[-1].state_dict())
+            own_keys = block.state_dict().keys()  # an mlp head takes the layer's MLP half
+            block.load_state_dict({k: v for k, v in model.layers[-1].state_dict().items() if k in own_keys})
             copied.append(i + 1)
         elif have != {k for k in own if k.startswith(prefix)}:
             raise ValueError(f"state dict holds only part of MTP head {i + 1} ({sorted(have)[:2]}...)")

@@ -94,15 +94,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """attends=False leaves out the attention sub-layer (an "mlp" MTP head): the block then reads only its
+    own position, and cos, sin, batch and attend may be None."""
+
+    def __init__(self, cfg: ModelConfig, attends: bool = True):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        if attends:
+            self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        self.attends = attends
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, attend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, attend)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                batch: Batch | None = None, attend=None) -> torch.Tensor:
+        if self.attends:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -120,7 +127,10 @@ class Transformer(nn.Module):
         if cfg.mtp_heads:
             # Built and initialised after the trunk, so one seed gives the same trunk with or without heads
             # (runs that differ only in mtp_heads compare like for like).
-            self.mtp = MTPHeads([Block(cfg) for _ in range(cfg.mtp_heads)], first_cache_layer=cfg.n_layer)
+            if cfg.mtp_head not in ("block", "mlp"):
+                raise ValueError(f"model.mtp_head is {cfg.mtp_head!r}; use block or mlp")
+            attends = cfg.mtp_head == "block"
+            self.mtp = MTPHeads([Block(cfg, attends) for _ in range(cfg.mtp_heads)], first_cache_layer=cfg.n_layer)
             self._init(self.mtp.named_parameters(prefix="mtp"))
 
     def reset_parameters(self) -> None:
@@ -174,33 +184,50 @@ class Transformer(nn.Module):
     def logits_with_heads(self, ids: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None,
                           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(base logits exactly as forward gives them, [logits of head j predicting token t+1+j, j = 1..k]),
-        each (T, vocab) or (len(rows), vocab). The head blocks run on every token (in serving they must fill
-        their cache layers n_layer + j - 1), but the norm and vocab projection only at `rows`."""
-        base, states = self.logits_and_head_states(ids, batch, rows)
-        w = self.output_weight()
-        return base, [F.linear(s, w) for s in states]
-
-    def logits_and_head_states(self, ids: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None,
-                               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """As logits_with_heads, but each head's final-normed hidden state (rows, dim) instead of its logits:
-        speculative decoding needs a head's logits at one row per sequence, known only after verification,
-        and the vocab projection is the largest matmul."""
+        each (T, vocab) or (len(rows), vocab). The head blocks run on every token, the norm and vocab
+        projection only at `rows`."""
         x, (cos, sin, attend) = self.trunk(ids, batch)
         h = self.norm(x)
-        base = F.linear(h if rows is None else h[rows], self.output_weight())
+        w = self.output_weight()
+        base = F.linear(h if rows is None else h[rows], w)
         if self.mtp is None:
             return base, []
         outs = self.mtp(x, cos, sin, batch, attend)  # k x (T, dim), before the shared final norm
-        return base, [self.norm(o if rows is None else o[rows]) for o in outs]
+        return base, [F.linear(self.norm(o if rows is None else o[rows]), w) for o in outs]
+
+    def logits_and_draft_states(self, ids: torch.Tensor, batch: Batch, rows: torch.Tensor, num_heads: int,
+                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Serving with speculative decoding: base logits at `rows` (as forward gives them) and, for each row,
+        what draft_logits turns into the first num_heads heads' logits there: (rows, num_heads, dim) head
+        outputs for attending heads, which must run on every token to fill their cache layers n_layer + j - 1;
+        (rows, 1, dim) trunk states for mlp heads, which run later and only on the row a request drafts from
+        (known only after verification). None when num_heads is 0."""
+        x, (cos, sin, attend) = self.trunk(ids, batch)
+        base = F.linear(self.norm(x)[rows], self.output_weight())
+        if not num_heads:
+            return base, None
+        if not self.mtp.attends:
+            return base, x[rows][:, None]
+        outs = self.mtp(x, cos, sin, batch, attend, num_heads)
+        return base, torch.stack([o[rows] for o in outs], dim=1)
+
+    def draft_logits(self, states: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """(n, S, dim) rows of logits_and_draft_states' states -> (n, num_heads, vocab), head j at j - 1."""
+        if self.mtp.attends:
+            outs = states[:, :num_heads]
+        else:
+            outs = torch.stack(self.mtp(states[:, 0], num_heads=num_heads), dim=1)
+        return F.linear(self.norm(outs), self.output_weight())
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: float) -> float:
     """Forward+backward FLOPs per token: 6 x matmul parameters plus causal attention at length seq_len."""
     d, f, hd = cfg.dim, cfg.ffn_dim, cfg.head_dim
     per_layer = d * cfg.n_head * hd * 2 + d * cfg.n_kv_head * hd * 2 + 3 * d * f
-    # Each MTP head is one more block and one more vocab projection.
-    blocks, outputs = cfg.n_layer + cfg.mtp_heads, 1 + cfg.mtp_heads
-    matmul_params = blocks * per_layer + outputs * d * cfg.vocab_size
+    # Each MTP head is one more block (or its MLP alone) and one more vocab projection.
+    block_heads = cfg.mtp_heads if cfg.mtp_head == "block" else 0
+    blocks, outputs = cfg.n_layer + block_heads, 1 + cfg.mtp_heads
+    matmul_params = blocks * per_layer + (cfg.mtp_heads - block_heads) * 3 * d * f + outputs * d * cfg.vocab_size
     # QK^T and AV, each 2*H*hd FLOPs per key; a causal token sees (L+1)/2 keys on average.
     attn = blocks * 2 * 2 * cfg.n_head * hd * (seq_len + 1) / 2
     return 6 * matmul_params + 3 * attn

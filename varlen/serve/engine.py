@@ -50,11 +50,11 @@ class Engine:
         mcfg: ModelConfig = model.cfg
         self.max_model_len = cfg.max_model_len or mcfg.max_seq_len
         self.num_speculative = num_drafts_per_step(cfg, mcfg.mtp_heads)  # 0 = ordinary decoding
-        speculative = self.num_speculative > 0
         dtype = next(model.parameters()).dtype
         per_seq = -(-self.max_model_len // cfg.block_size)
         # More blocks than every running sequence at full length could use only feeds the prefix cache.
-        num_blocks = min(num_blocks_for(cfg.kv_cache_gib * 2 ** 30, mcfg, cfg.block_size, dtype, speculative),
+        num_blocks = min(num_blocks_for(cfg.kv_cache_gib * 2 ** 30, mcfg, cfg.block_size, dtype,
+                                        self.num_speculative),
                          2 * cfg.max_num_seqs * per_seq)
         if num_blocks < per_seq:
             raise RequestError(f"kv_cache_gib {cfg.kv_cache_gib} holds {num_blocks} blocks of {cfg.block_size} "
@@ -62,7 +62,7 @@ class Engine:
                                f"raise kv_cache_gib or lower max_model_len")
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, cfg.block_size, heads=speculative)
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size, heads=self.num_speculative)
         self.spec_stats = SpecStats(self.num_speculative)
         self.requests: dict[str, Request] = {}
         self._emitted: dict[str, int] = {}
@@ -117,6 +117,9 @@ class Engine:
             return []
         results = self.runner.run(plan.scheduled)
         outputs, drafting = [], []
+        max_batch = self.cfg.speculative_max_batch
+        # A request left without drafts verifies nothing next step: an ordinary decode.
+        may_draft = self.num_speculative and (not max_batch or len(self.scheduler.running) <= max_batch)
         for (req, n), logits in zip(plan.scheduled, results):
             end = req.num_computed + n
             if end < req.num_tokens:
@@ -128,11 +131,12 @@ class Engine:
             self.spec_stats.record(len(drafts), len(tokens) - 1)
             # The K/V of rejected drafts stay in their slots until overwritten; only the accepted count.
             outputs.append(self._append(req, tokens, logits, end - (len(drafts) - (len(tokens) - 1))))
-            if self.num_speculative and not req.is_finished:
+            req.draft_ids, req.draft_probs = [], None  # until this step's heads propose the next ones
+            if may_draft and not req.is_finished:
                 # The heads at the row that produced the last token propose the tokens after it.
-                drafting.append((req, logits.head_states[:self.num_speculative, len(tokens) - 1]))
+                drafting.append((req, logits.draft_states[len(tokens) - 1]))
         if drafting:
-            head_logits = self.runner.head_logits(torch.stack([states for _, states in drafting]))  # (n, k, vocab)
+            head_logits = self.runner.draft_logits(torch.stack([states for _, states in drafting]))  # (n, k, vocab)
             for (req, _), rows in zip(drafting, head_logits):
                 self._draft(req, rows)
         return outputs

@@ -12,17 +12,17 @@ from ..model.transformer import Transformer
 from .request import Request
 
 
-def cache_layers(cfg: ModelConfig, heads: bool) -> int:
-    """Cache layers: the trunk's, plus one per MTP head when the heads run (speculative decoding)."""
-    return cfg.n_layer + (cfg.mtp_heads if heads else 0)
+def cache_layers(cfg: ModelConfig, heads: int) -> int:
+    """Cache layers: the trunk's, plus one per MTP head that drafts when the heads attend ("block")."""
+    return cfg.n_layer + (heads if cfg.mtp_head == "block" else 0)
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, heads: bool = False) -> int:
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, heads: int = 0) -> int:
     return 2 * cache_layers(cfg, heads) * cfg.n_kv_head * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def num_blocks_for(budget_bytes: float, cfg: ModelConfig, block_size: int, dtype: torch.dtype,
-                   heads: bool = False) -> int:
+                   heads: int = 0) -> int:
     return int(budget_bytes // (block_size * kv_bytes_per_token(cfg, dtype, heads)))
 
 
@@ -31,17 +31,17 @@ class SeqLogits:
     """One scheduled request's output at its last d + 1 positions: its last token and each of its d drafts
     (d = 0 outside speculative decoding); row i predicts the token after position i."""
     base: torch.Tensor                  # (d + 1, vocab) logits, float32 on CPU
-    head_states: torch.Tensor | None    # (mtp_heads, d + 1, dim) when the heads run, head j at index j - 1;
-                                        # ModelRunner.head_logits projects the rows a request drafts from
+    draft_states: torch.Tensor | None   # (d + 1, S, dim) when drafting: ModelRunner.draft_logits turns the
+                                        # row a request drafts from into its heads' logits
 
 
 class ModelRunner:
     """Owns the model and the KV cache tensors: one (num_blocks * block_size, Hkv, D) K and V per layer.
 
-    heads=True runs the MTP heads in every forward (they need their own K/V at every position, so prefill
-    chunks run them too) and keeps their cache layers after the trunk's."""
+    heads > 0 drafts with the model's first `heads` MTP heads; attending heads run in every forward (they need
+    their own K/V at every position, so prefill chunks run them too) and keep cache layers after the trunk's."""
 
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, heads: bool = False):
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, heads: int = 0):
         self.model, self.block_size, self.heads = model, block_size, heads
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -108,17 +108,16 @@ class ModelRunner:
         rows = np.repeat(ends - np.cumsum(counts), counts) + np.arange(int(counts.sum()))
         rows_t = torch.from_numpy(rows).to(self.device)
         if self.heads:
-            base, states = self.model.logits_and_head_states(ids, batch, rows_t)
-            states = torch.stack(states)  # (k, rows, dim)
+            base, states = self.model.logits_and_draft_states(ids, batch, rows_t, self.heads)
         else:
             base, states = self.model(ids, batch, rows=rows_t), None
         splits = counts.tolist()
         bases = base.float().cpu().split(splits)
-        per_head = states.split(splits, dim=1) if states is not None else [None] * len(splits)
-        return [SeqLogits(b, h) for b, h in zip(bases, per_head)]
+        per_seq = states.split(splits) if states is not None else [None] * len(splits)
+        return [SeqLogits(b, s) for b, s in zip(bases, per_seq)]
 
     @torch.inference_mode()
-    def head_logits(self, states: torch.Tensor) -> torch.Tensor:
-        """(..., dim) head states from run() -> (..., vocab) logits, float32 on CPU: one projection for all
-        the rows the step's requests draft from."""
-        return torch.nn.functional.linear(states, self.model.output_weight()).float().cpu()
+    def draft_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """(n, S, dim) rows of SeqLogits.draft_states -> (n, heads, vocab) logits, float32 on CPU: one call for
+        all the rows the step's requests draft from."""
+        return self.model.draft_logits(states, self.heads).float().cpu()

@@ -147,8 +147,16 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
     if cfg.train.init_from and ckpt is None:
         # The architecture and tokenizer come with the weights; piece length, backend and MTP heads stay the run's.
         init, init_cfg, tokenizer = load_model(cfg.train.init_from)
+        had = init_cfg.model.mtp_heads
+        if had and cfg.model.mtp_heads and init_cfg.model.mtp_head != cfg.model.mtp_head:
+            raise ConfigError(f"{cfg.train.init_from} has {init_cfg.model.mtp_head} MTP heads but this run asks for "
+                              f"{cfg.model.mtp_head} heads; pass --model.mtp_head {init_cfg.model.mtp_head}")
+        if had > cfg.model.mtp_heads:
+            log(f"warning: {cfg.train.init_from} has {had} MTP heads; this run keeps {cfg.model.mtp_heads} "
+                f"(pass --model.mtp_heads {had} --model.mtp_head {init_cfg.model.mtp_head} to keep them all)")
         cfg.model = dataclasses.replace(init_cfg.model, max_seq_len=cfg.model.max_seq_len,
-                                        attention=cfg.model.attention, mtp_heads=cfg.model.mtp_heads)
+                                        attention=cfg.model.attention, mtp_heads=cfg.model.mtp_heads,
+                                        mtp_head=cfg.model.mtp_head)
         log(f"initialising from {cfg.train.init_from} ({init.num_params() / 1e6:.2f}M parameters)")
     else:
         tokenizer = io.load_tokenizer(ckpt) if ckpt else None
