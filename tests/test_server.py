@@ -206,14 +206,15 @@ def test_queue_limit_answers_429_with_retry_after(model_dir):
         s.close()
 
 
-def test_speculative_server_streams_the_ordinary_greedy_text_and_reports_acceptance(tmp_path):
+@pytest.mark.parametrize("kind", ["block", "mlp"])
+def test_speculative_server_streams_the_ordinary_greedy_text_and_reports_acceptance(tmp_path, kind):
     from varlen.config import ServeConfig
     from varlen.serve.engine import Engine
     from varlen.serve.request import SamplingParams
 
     tok = train_tokenizer([p.read_text(errors="replace") for p in stdlib_files()[:30]], 320)
     cfg = Config(model=ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layer=2, n_head=4, n_kv_head=2,
-                                   max_seq_len=256, mtp_heads=2))
+                                   max_seq_len=256, mtp_heads=2, mtp_head=kind))
     torch.manual_seed(0)
     model = Transformer(cfg.model).eval()
     path = save_varlen(model, cfg, tok, tmp_path / "heads")
