@@ -59,14 +59,22 @@ def loss_sum(model: torch.nn.Module, micro: MicroBatch, amp, mtp_weight: float =
     With mtp_weight > 0, plus mtp_weight x each MTP head's summed cross-entropy (its targets never cross a
     sequence boundary); the step still divides by the next-token target count alone.
     """
+    return objective_and_next_token_loss(model, micro, amp, mtp_weight)[0]
+
+
+def objective_and_next_token_loss(model: torch.nn.Module, micro: MicroBatch, amp, mtp_weight: float,
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_sum's value, its next-token part): the same tensor twice without MTP heads."""
     if not mtp_weight:
         with amp:
             logits = model(micro.ids, micro.batch)
-        return F.cross_entropy(logits.float(), micro.targets, reduction="sum")
-    loss, heads = loss_sums(model, micro, amp)
+        loss = F.cross_entropy(logits.float(), micro.targets, reduction="sum")
+        return loss, loss
+    base, heads = loss_sums(model, micro, amp)
+    loss = base
     for head in heads:
         loss = loss + mtp_weight * head
-    return loss
+    return loss, base
 
 
 def loss_sums(model: torch.nn.Module, micro: MicroBatch, amp) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -258,23 +266,27 @@ def fit(run: Run, micros: list[MicroBatch], lr: float, amp, n_targets: int = 0) 
     weight = 1.0
     if not micros:  # this rank got nothing this step but must join the all-reduce: a zero-weight token
         micros, weight = [dist.empty_micro()], 0.0
-    loss_total = 0.0
+    loss_total = next_token_total = 0.0
     for k, m in enumerate(micros):
         # Gradients are all-reduced once per step, on the last backward: DDP averages over ranks, so
         # each rank scales its part up by the rank count to make the result the sum.
         last = k == len(micros) - 1
         with run.step_model.no_sync() if run.env.enabled and not last else nullcontext():
-            loss = loss_sum(run.step_model, m.to(run.device), amp, run.cfg.train.mtp_weight) / n_targets
+            loss, next_token = objective_and_next_token_loss(run.step_model, m.to(run.device), amp,
+                                                             run.cfg.train.mtp_weight)
+            loss, next_token = loss / n_targets, next_token.detach() / n_targets
             if weight != 1.0:
-                loss = loss * weight
+                loss, next_token = loss * weight, next_token * weight
             (loss * ranks if ranks > 1 else loss).backward()
         loss_total += loss.item()
+        next_token_total += next_token.item()
     loss_total = dist.sum_across(run.env, loss_total)
+    next_token_total = dist.sum_across(run.env, next_token_total)
     clip = run.cfg.train.grad_clip if run.cfg.train.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip).item()
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return loss_total, grad_norm
+    return loss_total, next_token_total, grad_norm
 
 
 def main(run: Run, log: Callable[[str], None] = print, progress: bool = True) -> dict:
@@ -294,11 +306,14 @@ def main(run: Run, log: Callable[[str], None] = print, progress: bool = True) ->
             else:
                 micros = run.loader.next_step()
                 n_tokens = sum(m.num_targets for m in micros)
-            loss, grad_norm = fit(run, micros, lr_at(step, t), amp, n_tokens)
+            objective, loss, grad_norm = fit(run, micros, lr_at(step, t), amp, n_tokens)
             dt = dist.max_across(run.env, time.perf_counter() - t0)  # ranks must agree on max_time's stop
             run.elapsed += dt
+            # `loss` is the next-token loss alone, comparable with val_loss and with runs without heads.
             last = {"step": step, "loss": loss, "lr": lr_at(step, t), "tokens_per_s": n_tokens / dt,
                     "tokens": n_tokens, "grad_norm": grad_norm, "epoch": run.loader.epoch, "time": run.elapsed}
+            if t.mtp_weight and cfg.model.mtp_heads:
+                last["loss_with_heads"] = objective  # what the optimizer minimises: + mtp_weight x head losses
             if rank_tokens is not None:
                 last["rank_tokens"] = rank_tokens
             done = step == t.max_steps or (t.max_time > 0 and run.elapsed >= t.max_time)
