@@ -32,20 +32,21 @@ def run_alone(model, ids, lens):
     return torch.cat(outs)
 
 
+@pytest.mark.parametrize("lens", [LENS, [12] * 4], ids=["mixed", "one_length"])  # one length: no permutation
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
 @pytest.mark.parametrize("backend", ["sdpa_docs", "reference"])
-def test_packed_forward_and_grads_equal_documents_alone(cfg_name, backend):
+def test_packed_forward_and_grads_equal_documents_alone(cfg_name, backend, lens):
     cfg = CONFIGS[cfg_name]
     model = make(cfg, backend)
-    ids = torch.randint(0, cfg.vocab_size, (sum(LENS),), generator=torch.Generator().manual_seed(1))
-    weights = torch.randn(sum(LENS), cfg.vocab_size, generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, cfg.vocab_size, (sum(lens),), generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(sum(lens), cfg.vocab_size, generator=torch.Generator().manual_seed(2))
 
-    packed = model(ids, Batch.from_seqlens(LENS))
+    packed = model(ids, Batch.from_seqlens(lens))
     (packed * weights).sum().backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
-    alone = run_alone(model, ids, LENS)
+    alone = run_alone(model, ids, lens)
     (alone * weights).sum().backward()
 
     assert (packed - alone).abs().max().item() <= 1e-5
@@ -102,7 +103,7 @@ def test_auto_backend_on_cpu_is_the_trainable_one():
         choose_backend("flash", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("seqlens", [[37], [5, 5, 9, 3]])
+@pytest.mark.parametrize("seqlens", [[37], [5, 5, 9, 3], [6, 6, 6]])
 def test_sdpa_docs_calls_sdpa_with_4d_tensors(monkeypatch, seqlens):
     # With 3-D inputs CPU SDPA takes the math path, which builds the (T, T) scores and is ~5x slower.
     from varlen.model.attention import sdpa_docs
