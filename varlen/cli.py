@@ -229,9 +229,10 @@ def cmd_serve(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         import json
 
         from .serve.speculate import num_drafts_per_step
-        heads = (json.loads((Path(args.run_dir) / "config.json").read_text()).get(hf_llama.MTP_HEADS_KEY, 0) if hf
-                 else io.load_config(io.resolve(args.run_dir)).model.mtp_heads)
-        num_drafts_per_step(cfg, heads)
+        path = Path(args.run_dir)
+        model_cfg = (hf_llama.config_from_hf(json.loads((path / "config.json").read_text()), path) if hf
+                     else io.load_config(io.resolve(path)).model)
+        num_drafts_per_step(cfg, model_cfg.mtp_heads)
     keys = list(args.api_key or [])
     if args.api_key_file:
         path = Path(args.api_key_file)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..batch import Batch, PagedBatch
-from ..config import ModelConfig
+from ..config import MTP_HEAD_KINDS, ModelConfig
 from .attention import choose_backend, get_attention
 from .attention.paged import attention as paged_attention
 from .mtp import MTPHeads
@@ -127,8 +127,8 @@ class Transformer(nn.Module):
         if cfg.mtp_heads:
             # Built and initialised after the trunk, so one seed gives the same trunk with or without heads
             # (runs that differ only in mtp_heads compare like for like).
-            if cfg.mtp_head not in ("block", "mlp"):
-                raise ValueError(f"model.mtp_head is {cfg.mtp_head!r}; use block or mlp")
+            if cfg.mtp_head not in MTP_HEAD_KINDS:
+                raise ValueError(f"model.mtp_head is {cfg.mtp_head!r}; use one of: {', '.join(MTP_HEAD_KINDS)}")
             attends = cfg.mtp_head == "block"
             self.mtp = MTPHeads([Block(cfg, attends) for _ in range(cfg.mtp_heads)], first_cache_layer=cfg.n_layer)
             self._init(self.mtp.named_parameters(prefix="mtp"))

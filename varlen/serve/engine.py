@@ -177,10 +177,10 @@ class Engine:
 
     def _draft(self, req: Request, head_rows: torch.Tensor) -> None:
         """Set the request's drafts from its heads' logits (num_speculative, vocab) at its last token: no more
-        than max_tokens and the context leave room for after the token the verify step is sure to add."""
+        than max_tokens and the context leave room for after the token the verify step is sure to add (step()
+        has already cleared the last drafts)."""
         limit = min(self.num_speculative, req.params.max_tokens - len(req.output_ids) - 1,
                     self.max_model_len - req.num_tokens - 1)
-        req.draft_ids, req.draft_probs = [], None
         if limit > 0:
             req.draft_ids, req.draft_probs = draft(head_rows[:limit], req.params, req.generator)
 
