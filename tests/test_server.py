@@ -144,7 +144,7 @@ BAD = [
     ({"prompt": "x", "max_tokens": 100_000}, 400), ({"prompt": "x " * 1100, "max_tokens": 5}, 400),
     ({"prompt": "x", "temperature": -1}, 400), ({"prompt": "x", "top_p": 0}, 400), ({"prompt": "x", "top_p": 1.5}, 400),
     ({"prompt": "x", "n": 100}, 400), ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400),
-    ({"prompt": "x", "stop": 5}, 400), ({"prompt": "x", "seed": 2 ** 70}, 400), ({"prompt": [[1, 2]]}, 400),
+    ({"prompt": "x", "stop": 5}, 400), ({"prompt": "x", "seed": 2 ** 70}, 400), ({"prompt": [[]]}, 400), ({"prompt": []}, 400),
     ({"prompt": [1, 10 ** 9]}, 400), ({"messages": "hi"}, 400), ({"prompt": "x", "logprobs": 99}, 400), ({"prompt": "x", "stream": "yes"}, 400),
 ]
 

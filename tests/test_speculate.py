@@ -542,9 +542,17 @@ def test_metrics_report_acceptance_per_head():
     s.record(0, 0)  # no drafts: not a verify step
     assert s.drafted == [2, 2, 1] and s.accepted == [2, 1, 0] and s.verify_steps == 2
     assert s.acceptance == [1.0, 0.5, 0.0] and s.tokens_per_step == 2.5
-    text = "\n".join(speculative_metrics(s))
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    class Spec:
+        def collect(self):
+            return speculative_metrics(s)
+
+    registry = CollectorRegistry()
+    registry.register(Spec())
+    text = generate_latest(registry).decode()
     assert 'varlen_spec_acceptance_rate{head="2"} 0.5' in text
-    assert 'varlen_spec_accepted_tokens_total{head="1"} 2' in text
+    assert 'varlen_spec_accepted_tokens_total{head="1"} 2.0' in text
     assert "varlen_spec_tokens_per_step 2.5" in text
 
 

@@ -117,7 +117,7 @@ def cmd_sample(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         raise ConfigError(f"--top-p is {args.top_p}; use a value in (0, 1]")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg, tok = load_model(args.run_dir, device)
-    prompt_ids = [tok.bos_id] + tok.encode(args.prompt)  # as every training document starts
+    prompt_ids = tok.encode_prompt(args.prompt) or [tok.bos_id]  # no text and no BOS: start a document
     if args.speculative:
         new = _sample_speculative(model, tok, prompt_ids, args)
     else:
@@ -239,14 +239,37 @@ def cmd_serve(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         if not path.is_file():
             raise ConfigError(f"--api-key-file {path} not found; pass a file with one key per line")
         keys += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    serve(args.run_dir, args.host, args.port, keys, cfg, args.name, args.log_level)
-    return 0
+    return serve(args.run_dir, args.host, args.port, keys, cfg, args.name, args.log_level)
+
+
+def _jsonl_prompts(path: Path):
+    """Yield (line number, prompt) for each non-empty line of a JSONL prompts file, reading one line at a time;
+    a bad line raises ConfigError naming path:line."""
+    import json
+
+    with path.open(encoding="utf-8-sig", errors="replace") as f:  # -sig: a leading BOM is not JSON
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{n} is not valid JSON ({e.msg}); write one {{\"prompt\": ...}} object "
+                                  f"per line") from None
+            if not isinstance(row, dict) or "prompt" not in row:
+                raise ConfigError(f"{path}:{n} is not a JSON object with a \"prompt\" field; write one "
+                                  f"{{\"prompt\": ...}} object per line")
+            prompt = row["prompt"]
+            if not (isinstance(prompt, str) or isinstance(prompt, list) and all(type(t) is int for t in prompt)):
+                raise ConfigError(f"{path}:{n}: \"prompt\" must be a string or a list of integer token ids, not "
+                                  f"{repr(prompt)[:60]}")
+            yield n, prompt
 
 
 def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     import json
 
-    from .serve.engine import LLM
+    from .serve.engine import LLM, PromptError
     from .serve.request import SamplingParams
 
     if overrides:
@@ -254,25 +277,33 @@ def cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     path = Path(args.prompts_file)
     if not path.is_file():
         raise ConfigError(f"--prompts-file {path} not found; pass a JSONL file with one {{\"prompt\": ...}} per line")
-    prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            prompts.append(row["prompt"] if isinstance(row, dict) else row)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ConfigError(f"{path}:{n} is not a JSON object with a \"prompt\" field") from None
+    # A first pass keeps no prompt but finds a bad line before the model loads (not hours into the run) and
+    # gives the progress bar its total; parsing is cheap next to generating.
+    total = sum(1 for _ in _jsonl_prompts(path))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
     llm = LLM(args.run_dir, _serve_config(args))
+    held: dict[int, tuple[int, str | list[int]]] = {}  # index -> (line, prompt), only for prompts in flight
+
+    def feed():
+        for i, (line, prompt) in enumerate(_jsonl_prompts(path)):
+            held[i] = line, prompt
+            yield prompt
+
     try:
-        results = llm.generate(prompts, params, progress=not args.no_progress)
-    except RequestError as e:
-        raise RequestError(f"{path}: {e}") from None
-    for prompt, [c] in zip(prompts, results):
-        sys.stdout.write(json.dumps({"prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
-                                     "completion_tokens": len(c.token_ids)}) + "\n")
+        for i, [c] in llm.generate_iter(feed(), params, progress=not args.no_progress, total=total):
+            _, prompt = held.pop(i)
+            row = {"prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
+                   "completion_tokens": len(c.token_ids)}
+            if c.error:
+                row["error"] = c.error
+            sys.stdout.write(json.dumps(row) + "\n")
+            sys.stdout.flush()  # each row is usable (tail -f, a crash) as soon as it is written
+    except PromptError as e:
+        raise RequestError(f"{path}:{held[e.index][0]}: {e.reason}") from None
+    except BrokenPipeError:  # the reader left (`| head`): stop generating, quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush fails no more
+        return 141  # 128 + SIGPIPE
     return 0
 
 

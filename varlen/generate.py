@@ -5,6 +5,9 @@ import torch
 
 from .batch import Batch
 
+# Temperatures below this sample as greedy: dividing logits by them overflows the softmax (vLLM's epsilon).
+GREEDY_BELOW = 1e-5
+
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """(V,) logits with everything outside the top-k and the top-p nucleus set to -inf."""
@@ -17,13 +20,14 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[0] = False  # even when top_p rounds to 0 in float32
         logits[order[drop]] = float("-inf")
     return logits
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                  generator: torch.Generator | None) -> int:
-    if temperature <= 0:
+    if temperature < GREEDY_BELOW:
         return int(logits.argmax())
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))

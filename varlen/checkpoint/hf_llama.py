@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import Config, ModelConfig
-from ..data.tokenizer import TOKENIZER_FILE, TextTokenizer
+from ..data.tokenizer import TOKENIZER_FILE, TOKENIZER_FRAMING, TextTokenizer
 from ..model.transformer import Transformer
 from .io import (CONFIG, MTP_WEIGHTS, WEIGHTS, CheckpointError, read_heads, split_heads, write_heads,
                  write_model_files, write_new_dir)
@@ -202,7 +202,10 @@ def state_from_hf(tensors: dict[str, torch.Tensor], where: dict[str, Path], cfg:
 # ------------------------------------------------------------------------------------------------ both ways
 
 def load_hf(directory: str | Path) -> tuple[Transformer, Config, TextTokenizer]:
-    """Any Llama-architecture HF directory -> varlen model (float32, eval mode), config and tokenizer."""
+    """Any Llama-architecture HF directory -> varlen model (float32, eval mode), config and tokenizer.
+
+    The tokenizer frames prompts as transformers does (its post-processor), unless its tokenizer_config.json
+    says otherwise: a directory varlen exported keeps the framing its model was trained with."""
     directory = Path(directory)
     source = directory / CONFIG
     try:
@@ -215,7 +218,7 @@ def load_hf(directory: str | Path) -> tuple[Transformer, Config, TextTokenizer]:
         raise CheckpointError(f"{directory} has no {TOKENIZER_FILE}; varlen needs a fast (tokenizers) tokenizer. "
                               f"Save one with AutoTokenizer.from_pretrained(...).save_pretrained(dir)")
     eos = hf.get("eos_token_id")
-    tokenizer = TextTokenizer.load_dir(directory, eos[0] if isinstance(eos, list) else eos)
+    tokenizer = TextTokenizer.load_dir(directory, eos[0] if isinstance(eos, list) else eos, TOKENIZER_FRAMING)
     tensors, where = _read_tensors(_weight_files(directory))
     model = Transformer(cfg.model)
     state = state_from_hf(tensors, where, cfg.model, directory)

@@ -2,6 +2,11 @@
 
 A tokenizer directory is laid out as Hugging Face's: `tokenizer.json` plus `tokenizer_config.json`, whose
 `eos_token` / `bos_token` say which ids end and start a document, so imported Llama tokenizers work too.
+
+A prompt is framed as the model saw text in training, which depends on whose tokenizer it is: varlen's own
+frame it as a document ([bos_id] + text ids); a Hugging Face tokenizer frames it with its own post-processor,
+exactly as `transformers.AutoTokenizer(text).input_ids` does. `varlen_framing` in tokenizer_config.json
+records which; a directory without it is an older varlen one or a Hugging Face one, and its loader says which.
 """
 from __future__ import annotations
 
@@ -15,6 +20,10 @@ EOD = "<|endoftext|>"
 
 
 TOKENIZER_FILE, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
+FRAMING_KEY = "varlen_framing"        # tokenizer_config.json: how encode_prompt frames a prompt
+DOCUMENT_FRAMING = "document"         # [bos_id] + text ids, as every varlen training document starts
+TOKENIZER_FRAMING = "tokenizer"       # whatever tokenizer.json's post-processor adds, as transformers does
+FRAMINGS = (DOCUMENT_FRAMING, TOKENIZER_FRAMING)
 
 
 def _token_text(value) -> str | None:
@@ -27,11 +36,19 @@ def _token_text(value) -> str | None:
 class TextTokenizer:
     """Thin wrapper: the `tokenizers` object plus the ids that frame every document.
 
-    A document is [bos_id] + text ids + [eod_id]; varlen's own tokenizers use EOD for both ends.
+    A document is [bos_id] + text ids + [eod_id]; varlen's own tokenizers use EOD for both ends. `framing`
+    (DOCUMENT_FRAMING or TOKENIZER_FRAMING) says how encode_prompt frames a prompt.
     """
 
-    def __init__(self, tok: Tokenizer, eod_token: str = EOD, bos_token: str | None = None):
-        self.tok = tok
+    def __init__(self, tok: Tokenizer, eod_token: str = EOD, bos_token: str | None = None,
+                 framing: str = DOCUMENT_FRAMING):
+        if framing not in FRAMINGS:
+            raise ValueError(f"framing {framing!r} is unknown; use one of {', '.join(FRAMINGS)}")
+        # A tokenizer.json may carry a fixed truncation or padding (e.g. max_length 512): varlen never wants
+        # text cut or padded, and transformers turns both off per call unless asked, so turn them off here.
+        tok.no_truncation()
+        tok.no_padding()
+        self.tok, self.framing = tok, framing
         eod = tok.token_to_id(eod_token)
         if eod is None:
             raise ValueError(f"tokenizer has no end-of-document token {eod_token!r}; name it as eos_token in "
@@ -50,6 +67,20 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         """Text ids alone: the frame (bos/eod) is added by whoever builds a document or prompt."""
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """A prompt's ids, framed as the model saw text start in training: [bos_id] + text ids for varlen's own
+        tokenizers; for a Hugging Face one, exactly `AutoTokenizer.from_pretrained(dir)(text).input_ids`.
+        add_special_tokens=False gives the bare text ids, for text that holds its own frame (a chat template
+        that renders the BOS)."""
+        if not add_special_tokens:
+            return self.encode(text)
+        if self.framing == DOCUMENT_FRAMING:
+            return [self.bos_id] + self.encode(text)
+        # transformers 5 frames with tokenizer.json's post_processor alone: it drops add_bos_token and
+        # add_eos_token from tokenizer_config.json whenever tokenizer.json exists (which varlen requires),
+        # for PreTrainedTokenizerFast and LlamaTokenizerFast alike, so they are not read here either.
+        return self.tok.encode(text, add_special_tokens=True).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
@@ -71,7 +102,8 @@ class TextTokenizer:
     def hf_config(self, max_len: int) -> dict:
         """tokenizer_config.json that `transformers.AutoTokenizer` loads as a fast tokenizer."""
         return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token or self.eod_token,
-                "eos_token": self.eod_token, "model_max_length": max_len, "clean_up_tokenization_spaces": False}
+                "eos_token": self.eod_token, "model_max_length": max_len, "clean_up_tokenization_spaces": False,
+                FRAMING_KEY: self.framing}
 
     def save_dir(self, directory: str | Path, max_len: int) -> None:
         directory = Path(directory)
@@ -79,10 +111,13 @@ class TextTokenizer:
         (directory / TOKENIZER_CONFIG).write_text(json.dumps(self.hf_config(max_len), indent=2) + "\n")
 
     @classmethod
-    def load_dir(cls, directory: str | Path, eos_id: int | None = None) -> "TextTokenizer":
+    def load_dir(cls, directory: str | Path, eos_id: int | None = None,
+                 framing: str = DOCUMENT_FRAMING) -> "TextTokenizer":
         """tokenizer.json (+ tokenizer_config.json when present) of a varlen or Hugging Face directory.
 
         `eos_id` (from a model's config.json) names the end token when tokenizer_config.json does not.
+        `framing` applies when tokenizer_config.json has no varlen_framing: the default suits varlen run and
+        checkpoint directories written before the key existed; a Hugging Face import passes TOKENIZER_FRAMING.
         """
         directory = Path(directory)
         tok = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
@@ -92,7 +127,11 @@ class TextTokenizer:
         if eos is None and eos_id is not None:
             eos = tok.id_to_token(eos_id)
         bos = _token_text(conf.get("bos_token"))
-        return cls(tok, eos or EOD, bos if bos != (eos or EOD) else None)
+        framing = conf.get(FRAMING_KEY, framing)
+        if framing not in FRAMINGS:
+            raise ValueError(f"{conf_path}: {FRAMING_KEY} is {framing!r}; set it to {DOCUMENT_FRAMING!r} ([bos] + "
+                             f"text, varlen's own) or {TOKENIZER_FRAMING!r} (as transformers frames the text)")
+        return cls(tok, eos or EOD, bos if bos != (eos or EOD) else None, framing)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> TextTokenizer:

@@ -2,43 +2,36 @@
 
 The Engine is not thread-safe, so every call into it happens on the loop thread; callers send commands
 (add, abort) through a queue and get their outputs back on an asyncio.Queue of their own event loop.
+
+A request that fails in a step fails alone (Engine.step). Anything else that escapes a step means the
+engine's state can no longer be trusted: the loop fails every request in flight, marks itself dead (so
+/health answers 503 and new requests are refused) and calls `on_death`, which stops the server so that the
+process exits non-zero and a supervisor can restart it.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .engine import Engine, StepOutput
 from .request import SamplingParams
 from .speculate import SpecStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+log = logging.getLogger("varlen.serve")
 
 
-@dataclass
-class Histogram:
-    buckets: tuple[float, ...] = LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
-    total: float = 0.0
-    n: int = 0
-
-    def observe(self, value: float) -> None:
-        i = next((k for k, b in enumerate(self.buckets) if value <= b), len(self.buckets))
-        self.counts[i] += 1
-        self.total += value
-        self.n += 1
-
-    def prometheus(self, name: str, help_text: str) -> list[str]:
-        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-        acc = 0
-        for b, c in zip(self.buckets, self.counts):
-            acc += c
-            lines.append(f'{name}_bucket{{le="{b}"}} {acc}')
-        lines += [f'{name}_bucket{{le="+Inf"}} {self.n}', f"{name}_sum {self.total:.6f}", f"{name}_count {self.n}"]
-        return lines
+class EngineDead(RuntimeError):
+    """The engine loop has stopped (HTTP 503); the message says why."""
 
 
 @dataclass
@@ -50,22 +43,33 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, on_death: Callable[[str], None] | None = None):
+        self.engine, self.on_death = engine, on_death
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.wake = threading.Event()
         self.streams: dict[str, _Stream] = {}
-        self.ttft, self.itl = Histogram(), Histogram()
-        self.tokens_generated = 0
-        self.finished: dict[str, int] = {}
-        self.errors = 0
+        self.dead: str | None = None  # why the loop stopped, once it has
         self._stop = False
+        # One registry per engine (no process-global metrics): /metrics renders exactly this.
+        self.registry = CollectorRegistry()
+        self.ttft = Histogram("varlen_time_to_first_token_seconds", "Time from request to first token.",
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.itl = Histogram("varlen_inter_token_latency_seconds",
+                             "Time between a request's stream events (several tokens each when speculating).",
+                             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tokens = Counter("varlen_generation_tokens", "Tokens generated.", registry=self.registry)
+        self.finished = Counter("varlen_requests_finished", "Requests finished, by reason.", ["reason"],
+                                registry=self.registry)
+        self.registry.register(_EngineState(self))
         self.thread = threading.Thread(target=self._run, name="varlen-engine", daemon=True)
         self.thread.start()
 
     # ------------------------------------------------------------------ callers (any thread / event loop)
     async def submit(self, prompt, params: SamplingParams, request_id: str) -> asyncio.Queue:
-        """Queue a request; raises the engine's RequestError / QueueFull. Outputs arrive on the returned queue."""
+        """Queue a request; raises the engine's RequestError / QueueFull, or EngineDead. Outputs arrive on the
+        returned queue: StepOutputs, or an exception if the engine dies."""
+        if self.dead:
+            raise EngineDead(self.dead)
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
         outputs: asyncio.Queue = asyncio.Queue()
@@ -88,9 +92,12 @@ class AsyncEngine:
         if cmd[0] == "abort":
             if self.streams.pop(cmd[1], None) is not None:
                 self.engine.abort(cmd[1])
-                self.finished["abort"] = self.finished.get("abort", 0) + 1
+                self.finished.labels("abort").inc()
             return
         _, prompt, params, request_id, loop, outputs, done = cmd
+        if self.dead:
+            loop.call_soon_threadsafe(_settle, done, None, EngineDead(self.dead))
+            return
         try:
             self.engine.add_request(prompt, params, request_id)
         except Exception as e:  # handed to the caller, who turns it into a 4xx
@@ -100,35 +107,47 @@ class AsyncEngine:
         loop.call_soon_threadsafe(_settle, done, request_id, None)
 
     def _run(self) -> None:
-        while not self._stop:
-            while True:
-                try:
-                    self._command(self.commands.get_nowait())
-                except queue.Empty:
-                    break
-            if not self.engine.has_unfinished():
-                self.wake.wait(0.05)
-                self.wake.clear()
-                continue
-            try:
+        try:
+            while not self._stop:
+                while True:
+                    try:
+                        self._command(self.commands.get_nowait())
+                    except queue.Empty:
+                        break
+                if not self.engine.has_unfinished():
+                    self.wake.wait(0.05)
+                    self.wake.clear()
+                    continue
                 outs = self.engine.step()
-            except Exception as e:  # a bug, not a bad request: fail the running requests, keep serving
-                self.errors += 1
-                for rid in list(self.streams):
-                    self.engine.abort(rid)
-                    s = self.streams.pop(rid)
-                    s.loop.call_soon_threadsafe(s.outputs.put_nowait, e)
-                continue
-            now = time.perf_counter()
-            for out in outs:
-                self._deliver(out, now)
+                now = time.perf_counter()
+                for out in outs:
+                    self._deliver(out, now)
+        except BaseException as e:  # noqa: BLE001 (never die silently)
+            self._die(e)
+
+    def _die(self, error: BaseException) -> None:
+        self.dead = f"the engine stopped: {type(error).__name__}: {error}"
+        log.error("%s\n%s", self.dead, "".join(traceback.format_exception(error)))
+        failure = EngineDead(self.dead)
+        for s in self.streams.values():
+            s.loop.call_soon_threadsafe(s.outputs.put_nowait, failure)
+        self.streams.clear()
+        while True:  # callers waiting on an "add" would otherwise wait forever
+            try:
+                cmd = self.commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "add":
+                cmd[4].call_soon_threadsafe(_settle, cmd[6], None, failure)
+        if self.on_death is not None:
+            self.on_death(self.dead)
 
     def _deliver(self, out: StepOutput, now: float) -> None:
         s = self.streams.get(out.request_id)
         if s is None:
             return  # aborted meanwhile
         if out.new_token_ids:
-            self.tokens_generated += len(out.new_token_ids)
+            self.tokens.inc(len(out.new_token_ids))
             if s.last_token is None:
                 self.ttft.observe(now - s.submitted)
             else:
@@ -136,54 +155,57 @@ class AsyncEngine:
             s.last_token = now
         if out.finished:
             self.streams.pop(out.request_id, None)
-            self.finished[out.finish_reason] = self.finished.get(out.finish_reason, 0) + 1
+            self.finished.labels(out.finish_reason).inc()
         s.loop.call_soon_threadsafe(s.outputs.put_nowait, out)
 
-    # ------------------------------------------------------------------ /metrics
-    def prometheus(self) -> str:
-        e = self.engine
-        lines = [
-            "# HELP varlen_requests_running Requests in the running batch.", "# TYPE varlen_requests_running gauge",
-            f"varlen_requests_running {len(e.scheduler.running)}",
-            "# HELP varlen_requests_waiting Requests waiting to be admitted.", "# TYPE varlen_requests_waiting gauge",
-            f"varlen_requests_waiting {len(e.scheduler.waiting)}",
-            "# HELP varlen_kv_blocks_used KV-cache blocks held by requests.", "# TYPE varlen_kv_blocks_used gauge",
-            f"varlen_kv_blocks_used {e.blocks.num_used_blocks}",
-            "# HELP varlen_kv_blocks_total KV-cache blocks in all.", "# TYPE varlen_kv_blocks_total gauge",
-            f"varlen_kv_blocks_total {e.blocks.num_blocks}",
-            "# HELP varlen_prefix_cache_hit_blocks Blocks reused from the prefix cache.",
-            "# TYPE varlen_prefix_cache_hit_blocks counter",
-            f"varlen_prefix_cache_hit_blocks {e.blocks.num_cache_hits}",
-            "# HELP varlen_generation_tokens_total Tokens generated.", "# TYPE varlen_generation_tokens_total counter",
-            f"varlen_generation_tokens_total {self.tokens_generated}",
-            "# HELP varlen_requests_finished_total Requests finished, by reason.",
-            "# TYPE varlen_requests_finished_total counter",
-        ]
-        lines += [f'varlen_requests_finished_total{{reason="{r}"}} {n}' for r, n in sorted(self.finished.items())]
-        lines += self.ttft.prometheus("varlen_time_to_first_token_seconds", "Time from request to first token.")
-        lines += self.itl.prometheus("varlen_inter_token_latency_seconds",
-                                     "Time between a request's stream events (several tokens each when speculating).")
+
+class _EngineState:
+    """Gauges and counters read off the engine when /metrics is scraped."""
+
+    def __init__(self, owner: AsyncEngine):
+        self.owner = owner
+
+    def collect(self):
+        e = self.owner.engine
+        b = e.blocks
+        for name, help_text, value in [
+            ("varlen_requests_running", "Requests in the running batch.", len(e.scheduler.running)),
+            ("varlen_requests_waiting", "Requests waiting to be admitted.", len(e.scheduler.waiting)),
+            ("varlen_kv_blocks_used", "KV-cache blocks held by requests.", b.num_used_blocks),
+            ("varlen_kv_blocks_total", "KV-cache blocks in all.", b.num_blocks),
+            ("varlen_prefix_cache_hit_rate", "Share of looked-up prompt blocks found in the prefix cache.",
+             getattr(b, "cache_hit_rate", 0.0)),
+            ("varlen_engine_alive", "1 while the engine loop runs, 0 once it has stopped.",
+             0 if self.owner.dead else 1),
+        ]:
+            yield GaugeMetricFamily(name, help_text, value=value)
+        yield CounterMetricFamily("varlen_prefix_cache_hit_blocks", "Blocks reused from the prefix cache.",
+                                  value=b.num_cache_hits)
+        yield CounterMetricFamily("varlen_prefix_cache_query_blocks",
+                                  "Prompt blocks looked up in the prefix cache.",
+                                  value=getattr(b, "num_cache_queries", 0))
         if e.num_speculative:
-            lines += speculative_metrics(e.spec_stats)
-        return "\n".join(lines) + "\n"
+            yield from speculative_metrics(e.spec_stats)
 
 
-def speculative_metrics(s: SpecStats) -> list[str]:
+def speculative_metrics(s: SpecStats):
     """Per MTP head (label head="j"): drafts verified, drafts accepted and their ratio; tokens per verify step."""
-    lines = []
-    for name, kind, help_text, values in [
-        ("varlen_spec_draft_tokens_total", "counter", "Draft tokens of head j verified.", s.drafted),
-        ("varlen_spec_accepted_tokens_total", "counter", "Draft tokens of head j accepted.", s.accepted),
-        ("varlen_spec_acceptance_rate", "gauge", "Share of head j's verified drafts accepted.", s.acceptance),
+    heads = [str(j) for j in range(1, len(s.drafted) + 1)]
+    for family, name, help_text, values in [
+        (CounterMetricFamily, "varlen_spec_draft_tokens", "Draft tokens of head j verified.", s.drafted),
+        (CounterMetricFamily, "varlen_spec_accepted_tokens", "Draft tokens of head j accepted.", s.accepted),
+        (GaugeMetricFamily, "varlen_spec_acceptance_rate", "Share of head j's verified drafts accepted.",
+         s.acceptance),
     ]:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        lines += [f'{name}{{head="{j}"}} {v:.6g}' for j, v in enumerate(values, start=1)]
-    return lines + [
-        "# HELP varlen_spec_verify_steps_total Request-steps that verified drafts.",
-        "# TYPE varlen_spec_verify_steps_total counter", f"varlen_spec_verify_steps_total {s.verify_steps}",
-        "# HELP varlen_spec_tokens_per_step Mean tokens a verify step emits per request (1 + accepted drafts).",
-        "# TYPE varlen_spec_tokens_per_step gauge", f"varlen_spec_tokens_per_step {s.tokens_per_step:.6g}",
-    ]
+        metric = family(name, help_text, labels=["head"])
+        for head, v in zip(heads, values):
+            metric.add_metric([head], v)
+        yield metric
+    yield CounterMetricFamily("varlen_spec_verify_steps", "Request-steps that verified drafts.",
+                              value=s.verify_steps)
+    yield GaugeMetricFamily("varlen_spec_tokens_per_step",
+                            "Mean tokens a verify step emits per request (1 + accepted drafts).",
+                            value=s.tokens_per_step)
 
 
 def _settle(fut: asyncio.Future, result, error) -> None:

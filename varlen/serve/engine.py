@@ -7,6 +7,8 @@ tokens per request (serve/speculate.py); its outputs are what ordinary decoding 
 from __future__ import annotations
 
 import itertools
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from ..model.transformer import Transformer
 from .block_manager import BlockManager
 from .request import Request, RequestError, SamplingParams, Status
 from .runner import ModelRunner, SeqLogits, num_blocks_for
-from .sampler import logprob_entry
+from .sampler import SamplingFailed, logprob_entry, process, sample
 from .scheduler import Scheduler
 from .speculate import SpecStats, accept, draft, num_drafts_per_step
 
@@ -32,7 +34,10 @@ class StepOutput:
     new_text: str
     new_logprobs: list[dict]
     finished: bool
-    finish_reason: str | None
+    finish_reason: str | None          # "stop" | "length" | "error" (then `error` says why)
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0         # prompt tokens whose K/V came from the prefix cache
 
 
 @dataclass
@@ -41,6 +46,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     logprobs: list[dict] = field(default_factory=list)
+    error: str | None = None           # why, when finish_reason is "error"
 
 
 class Engine:
@@ -67,13 +73,17 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._emitted: dict[str, int] = {}
         self._ids = itertools.count()
+        self._guides = None  # structured.GuideFactory, built at the first request with a grammar (~1 s)
 
     # ------------------------------------------------------------------ requests
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("prompt is empty; send at least one character")
-            return [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)  # as training documents start
+            ids = self.tokenizer.encode_prompt(prompt)
+            if not ids:  # a tokenizer without a BOS whose normalizer dropped every character
+                raise RequestError("prompt encodes to no tokens; send text the tokenizer keeps")
+            return ids
         if not prompt:
             raise RequestError("prompt is empty; send at least one token")
         vocab = self.model.cfg.vocab_size
@@ -84,6 +94,11 @@ class Engine:
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue one sequence (n is handled by the caller, one request per completion); returns its id."""
         params.validate(self.cfg.max_n, self.cfg.max_stop, self.cfg.max_logprobs)
+        vocab = self.model.cfg.vocab_size
+        for name, tokens in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in tokens if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"{name} names token {bad[0]}, outside the vocabulary [0, {vocab})")
         ids = self.encode_prompt(prompt)
         if len(ids) + params.max_tokens > self.max_model_len:
             raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
@@ -93,12 +108,23 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
-        gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
-        req = Request(request_id, ids, params, generator=gen)
+        gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.Generator().seed())
+        req = Request(request_id, ids, params, generator=gen, guide=self._guide(params.grammar))
         self.requests[request_id] = req
         self._emitted[request_id] = 0
         self.scheduler.add(req)
         return request_id
+
+    def _guide(self, grammar: str | None):
+        if grammar is None:
+            return None
+        from .structured import GrammarError, GuideFactory
+        if self._guides is None:
+            self._guides = GuideFactory(self.tokenizer, self.model.cfg.vocab_size)
+        try:
+            return self._guides.new(grammar)
+        except GrammarError as e:
+            raise RequestError(f"response_format: {e}") from None
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks are free when this returns."""
@@ -126,13 +152,15 @@ class Engine:
                 self.scheduler.commit(req, end)  # a prefill chunk; its last token's logits come later
                 continue
             drafts = req.draft_ids[:end - req.num_tokens]  # the scheduler may have run fewer than drafted
-            q = None if req.draft_probs is None else req.draft_probs[:len(drafts)]
-            tokens = accept(logits.base, drafts, q, req.params, req.generator)
-            self.spec_stats.record(len(drafts), len(tokens) - 1)
-            # The K/V of rejected drafts stay in their slots until overwritten; only the accepted count.
-            outputs.append(self._append(req, tokens, logits, end - (len(drafts) - (len(tokens) - 1))))
+            try:  # a request whose sampling fails ends alone; the rest of the step goes on
+                tokens = self._sample(req, logits, drafts)
+                # The K/V of rejected drafts stay in their slots until overwritten; only the accepted count.
+                outputs.append(self._append(req, tokens, logits, end - (len(drafts) - (len(tokens) - 1))))
+            except Exception as e:  # noqa: BLE001 (bad input or a failed draw: this request only)
+                outputs.append(self._fail(req, e))
+                continue
             req.draft_ids, req.draft_probs = [], None  # until this step's heads propose the next ones
-            if may_draft and not req.is_finished:
+            if may_draft and not req.is_finished and not req.params.has_processors:
                 # The heads at the row that produced the last token propose the tokens after it.
                 drafting.append((req, logits.draft_states[len(tokens) - 1]))
         if drafting:
@@ -140,6 +168,26 @@ class Engine:
             for (req, _), rows in zip(drafting, head_logits):
                 self._draft(req, rows)
         return outputs
+
+    def _sample(self, req: Request, logits: SeqLogits, drafts: list[int]) -> list[int]:
+        """The tokens the request emits this step: one sampled token, or verified drafts plus one."""
+        if not torch.isfinite(logits.base).all():
+            raise SamplingFailed("the model produced non-finite logits for this request")
+        if not drafts:
+            return [sample(process(logits.base[0], req, self.tokenizer.eod_id), req.params, req.generator)]
+        q = None if req.draft_probs is None else req.draft_probs[:len(drafts)]
+        tokens = accept(logits.base, drafts, q, req.params, req.generator)
+        self.spec_stats.record(len(drafts), len(tokens) - 1)
+        return tokens
+
+    def _fail(self, req: Request, error: Exception) -> StepOutput:
+        """End one request with an error; its blocks are free at once."""
+        if not req.is_finished:
+            self.scheduler.finish(req, "error")
+        self.requests.pop(req.request_id, None)
+        self._emitted.pop(req.request_id, None)
+        return StepOutput(req.request_id, [], "", [], True, "error", error=str(error) or type(error).__name__,
+                          num_prompt_tokens=len(req.prompt_ids), num_cached_tokens=req.num_cached)
 
     def _append(self, req: Request, tokens: list[int], logits: SeqLogits, num_computed: int) -> StepOutput:
         """Emit the step's tokens in order until one ends the request (eod, a stop string, max_tokens): the
@@ -152,6 +200,10 @@ class Engine:
                 break
             req.output_ids.append(token)
             new_ids.append(token)
+            if req.guide is not None:
+                req.guide.advance(token)
+                if req.guide.is_finished:  # the grammar is complete: only end-of-text could follow
+                    reason = "stop"
             if p.logprobs is not None:
                 entry = logprob_entry(logits.base[row], token, p.logprobs)
                 req.logprobs.append(entry)
@@ -173,7 +225,8 @@ class Engine:
         if reason is not None:
             self.requests.pop(req.request_id, None)
             self._emitted.pop(req.request_id, None)
-        return StepOutput(req.request_id, new_ids, new_text, new_lp, reason is not None, reason)
+        return StepOutput(req.request_id, new_ids, new_text, new_lp, reason is not None, reason,
+                          num_prompt_tokens=len(req.prompt_ids), num_cached_tokens=req.num_cached)
 
     def _draft(self, req: Request, head_rows: torch.Tensor) -> None:
         """Set the request's drafts from its heads' logits (num_speculative, vocab) at its last token: no more
@@ -202,29 +255,92 @@ class Engine:
     # ------------------------------------------------------------------ offline batches
     def generate(self, prompts: list[str | list[int]], params: SamplingParams,
                  progress: bool = False) -> list[list[Completion]]:
-        """All prompts at once; returns params.n completions per prompt, in prompt order."""
-        ids = []
-        for i, prompt in enumerate(prompts):
-            ids.append([self.add_request(prompt, _nth(params, j), f"gen-{i}-{j}") for j in range(params.n)])
-        done: dict[str, Completion] = {}
-        texts: dict[str, list] = {}
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(prompts) * params.n, desc="requests", unit="req")
-        while self.has_unfinished():
-            for out in self.step():
-                acc = texts.setdefault(out.request_id, [[], "", []])
-                acc[0] += out.new_token_ids
-                acc[1] += out.new_text
-                acc[2] += out.new_logprobs
-                if out.finished:
-                    done[out.request_id] = Completion(acc[1], acc[0], out.finish_reason, acc[2])
-                    if bar:
+        """All prompts; returns params.n completions per prompt, in prompt order (any number: see generate_iter)."""
+        return [c for _, c in self.generate_iter(prompts, params, progress, total=len(prompts))]
+
+    def generate_iter(self, prompts: Iterable[str | list[int]], params: SamplingParams, progress: bool = False,
+                      total: int | None = None) -> Iterator[tuple[int, list[Completion]]]:
+        """Yield (index, params.n completions) per prompt, in input order, once it and every earlier prompt are
+        done. Prompts are pulled lazily and at most offline_window(cfg, n) requests are alive at once (queued,
+        running, or done and waiting for an earlier prompt), so any number of prompts runs in bounded memory
+        and the waiting queue never fills. A prompt add_request refuses raises PromptError with its 0-based
+        index. However the generator stops (an error, or the caller closing it), requests still in flight are
+        aborted, so the engine is left idle. Expects an idle engine: other requests' outputs would be lost."""
+        # Checked once here, so a bad parameter is not reported as a fault of prompt 0.
+        params.validate(self.cfg.max_n, self.cfg.max_stop, self.cfg.max_logprobs)
+        n, window, source = params.n, offline_window(self.cfg, params.n), iter(prompts)
+        admitted = done = 0                              # prompts pulled from `source`; prompts yielded
+        exhausted = False
+        pending: deque[tuple[int, int, str | list[int]]] = deque()  # (index, j, prompt) not yet queued
+        owner: dict[str, tuple[int, int]] = {}           # our request ids in the engine -> (index, j)
+        partial: dict[str, Completion] = {}              # their output so far
+        groups: dict[int, list[Completion | None]] = {}  # admitted and not yet yielded: at most window / n
+        bar = _progress_bar(total) if progress else None
+        try:
+            while True:
+                # A whole prompt (its n requests) at a time, so a prompt never waits on its own admission.
+                while not exhausted and (admitted - done + 1) * n <= window:
+                    prompt = next(source, _END)
+                    if prompt is _END:
+                        exhausted = True
+                        break
+                    groups[admitted] = [None] * n
+                    pending.extend((admitted, j, prompt) for j in range(n))
+                    admitted += 1
+                # The queue limit is separate from the window: n requests may not fit in max_waiting at once.
+                while pending and len(self.scheduler.waiting) < self.cfg.max_waiting:
+                    i, j, prompt = pending.popleft()
+                    rid = f"gen-{i}-{j}"
+                    try:
+                        self.add_request(prompt, _nth(params, j), rid)
+                    except RequestError as e:
+                        raise PromptError(i, str(e)) from None
+                    owner[rid], partial[rid] = (i, j), Completion("", [], "")
+                if not owner and not pending:  # every admitted prompt was yielded and the source is empty
+                    return
+                for out in self.step():
+                    c = partial.get(out.request_id)
+                    if c is None:
+                        continue  # not one of ours
+                    c.token_ids += out.new_token_ids
+                    c.text += out.new_text
+                    c.logprobs += out.new_logprobs
+                    if out.finished:
+                        c.finish_reason, c.error = out.finish_reason, out.error
+                        i, j = owner.pop(out.request_id)
+                        groups[i][j] = partial.pop(out.request_id)
+                while done < admitted and all(c is not None for c in groups[done]):
+                    yield done, groups.pop(done)
+                    done += 1
+                    if bar is not None:
                         bar.update(1)
-        if bar:
-            bar.close()
-        return [[done[r] for r in group] for group in ids]
+        finally:
+            for rid in owner:
+                self.abort(rid)
+            if bar is not None:
+                bar.close()
+
+
+def offline_window(cfg: ServeConfig, n: int = 1) -> int:
+    """Requests an offline batch keeps alive at once: two full batches, so the running batch stays full while
+    up to one batch of finished prompts waits for an earlier, longer one; never fewer than one prompt's n."""
+    return max(n, 2 * cfg.max_num_seqs)
+
+
+def _progress_bar(total: int | None):
+    from tqdm import tqdm  # only when asked for: the engine itself does not need it
+    return tqdm(total=total, desc="prompts", unit="prompt")
+
+
+_END = object()  # next(source, _END): the end of the prompts, unlike any prompt
+
+
+class PromptError(RequestError):
+    """add_request refused prompt `index` (0-based) of an offline batch; `reason` says why."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"prompt {index} (counting from 0): {reason}")
+        self.index, self.reason = index, reason
 
 
 class QueueFull(RuntimeError):

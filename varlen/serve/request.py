@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from ..generate import GREEDY_BELOW
 
 
 class RequestError(ValueError):
@@ -23,6 +26,25 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None        # None = off; k = the chosen token's logprob plus the top k
+    min_tokens: int = 0                # end-of-text and stop_token_ids are masked until this many tokens
+    presence_penalty: float = 0.0      # OpenAI's: minus this from every token already generated
+    frequency_penalty: float = 0.0     # OpenAI's: minus this times the token's count in the output so far
+    repetition_penalty: float = 1.0    # HF/vLLM's: divide (positive) or multiply (negative) the logits of
+                                       # tokens in the prompt or the output; 1 = off
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: str | None = None         # llguidance grammar the output must follow (response_format)
+
+    @property
+    def is_greedy(self) -> bool:
+        # Dividing by a temperature this small overflows the softmax to NaN; it means greedy anyway.
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def has_processors(self) -> bool:
+        """Whether the logits need this request's own processing (penalties, bias, grammar, min_tokens) before
+        sampling; such requests do not draft speculatively, as each draft would change what follows it."""
+        return bool(self.min_tokens or self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.repetition_penalty != 1.0 or self.grammar is not None)
 
     def validate(self, max_n: int = 8, max_stop: int = 4, max_logprobs: int = 5) -> None:
         checks = [
@@ -35,6 +57,13 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (self.logprobs is None or 0 <= self.logprobs <= max_logprobs,
              f"logprobs must be between 0 and {max_logprobs}, got {self.logprobs}"),
+            (0 <= self.min_tokens <= self.max_tokens,
+             f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (0.01 <= self.repetition_penalty <= 100,
+             f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}"),
+            (all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -68,6 +97,7 @@ class Request:
     # (positions num_tokens, num_tokens + 1, ...), and the distributions they were sampled from (None when greedy).
     draft_ids: list[int] = field(default_factory=list)
     draft_probs: torch.Tensor | None = None
+    guide: Any = None                  # structured.Guide enforcing params.grammar, advanced with each token
 
     @property
     def all_ids(self) -> list[int]:

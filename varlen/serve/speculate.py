@@ -36,7 +36,7 @@ def draft(head_logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
           ) -> tuple[list[int], torch.Tensor | None]:
     """head_logits (d, vocab), row j-1 from head j -> d draft ids, and for sampling the (d, vocab)
     distributions they were drawn from (the request's own temperature / top-k / top-p applied, like p's)."""
-    if params.temperature == 0:
+    if params.is_greedy:
         return head_logits.argmax(-1).tolist(), None
     q = torch.stack([probs(row, params) for row in head_logits])
     return torch.multinomial(q, 1, generator=generator)[:, 0].tolist(), q
@@ -84,7 +84,7 @@ def accept(base_rows: torch.Tensor, drafts: list[int], q_rows: torch.Tensor | No
     Without drafts this is ordinary sampling, bit for bit (the same draw from the same generator)."""
     if not drafts:
         return [sample(base_rows[0], params, generator)]
-    if params.temperature == 0:
+    if params.is_greedy:
         return verify_greedy(base_rows, drafts)
     p_rows = torch.stack([probs(row, params) for row in base_rows])
     return verify_sampling(p_rows, q_rows, drafts, generator)
