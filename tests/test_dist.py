@@ -14,8 +14,11 @@ STEPS = 30
 
 
 def _opts(corpus, *extra):
+    # float32: 2 ranks must match 1 process to 1e-5, and bf16 autocast (train.dtype auto on a CPU with bf16
+    # matrix units) rounds differently when the rows are split differently. The killed job shares the runs.
     return ["--corpus", str(corpus), "--data.glob", "*.py", "--no-progress", *TINY, "--train.max_steps", str(STEPS),
-            "--train.ckpt_every", "3", "--train.eval_every", "10", "--train.keep_last", "20", *extra]
+            "--train.ckpt_every", "3", "--train.eval_every", "10", "--train.keep_last", "20",
+            "--train.dtype", "float32", *extra]
 
 
 def _weights(run, step=STEPS):

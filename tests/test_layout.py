@@ -11,7 +11,8 @@ ALLOWED = {
     "data": {"config", "batch"},
     "model": {"config", "batch"},
     "checkpoint": {"config", "batch", "data", "model"},
-    "train": {"config", "batch", "data", "model", "checkpoint", "plots"},
+    "train": {"config", "batch", "data", "model", "checkpoint", "plots", "precision"},
+    "precision": {"config", "model"},  # model: int8 quantization of a loaded model (model/quant.py)
     "generate": {"batch"},
     "plots": set(),
 }

@@ -99,7 +99,7 @@ def test_serving_an_imported_model_gives_transformers_greedy_tokens(hf_dir):
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     hf.generation_config.eos_token_id = None  # like ignore_eos: 20 tokens, whatever they are
     theirs = AutoTokenizer.from_pretrained(hf_dir)
-    llm = LLM(hf_dir, ServeConfig(kv_cache_gib=0.01, max_num_seqs=4))
+    llm = LLM(hf_dir, ServeConfig(kv_cache_gib=0.01, max_num_seqs=4, dtype="float32"))  # as transformers runs
     texts = TEXTS[:3]
     outs = llm.generate(texts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
     for text, [out] in zip(texts, outs):
@@ -117,7 +117,8 @@ def test_cli_sample_frames_an_imported_prompt_as_transformers_does(hf_dir, capsy
     with torch.no_grad():  # both stop at the model's eos
         ids = hf.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=0)
     capsys.readouterr()
-    assert cli_main(["sample", str(hf_dir), "--prompt", text, "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    assert cli_main(["sample", str(hf_dir), "--prompt", text, "--max-new-tokens", "12", "--temperature", "0",
+                     "--dtype", "float32"]) == 0  # as transformers runs
     _, _, tok = load_model(hf_dir)
     assert capsys.readouterr().out == tok.decode(ids[0, enc.input_ids.shape[1]:].tolist()) + "\n"
 

@@ -1,4 +1,10 @@
-"""Serving engine: paged-cache decoding equals plain recomputation, alone or in a busy batch; blocks come back."""
+"""Serving engine: paged-cache decoding equals plain recomputation, alone or in a busy batch; blocks come back.
+
+Exactness against recomputation is tested in float32; the invariants that hold in any dtype (batching and
+preemption do not change greedy tokens, blocks come back) also run in the dtype `auto` picks on this machine
+(bf16 on CPUs with bf16 matrix units), which is what `varlen serve` runs by default."""
+import copy
+
 import pytest
 import torch
 
@@ -7,6 +13,7 @@ from varlen.data.corpus import stdlib_files
 from varlen.data.tokenizer import train_tokenizer
 from varlen.generate import generate
 from varlen.model.transformer import Transformer
+from varlen.precision import choose_dtype
 from varlen.serve.engine import Engine
 from varlen.serve.request import RequestError, SamplingParams
 
@@ -27,8 +34,19 @@ def model():
     return m
 
 
+# An engine casts its model in place, so each dtype has its own copy of the model: a bf16 engine on the
+# float32 fixture would leave every later test with bf16-rounded weights.
+DTYPES = ["float32", "auto"]
+
+
+@pytest.fixture(scope="module")
+def models(model):
+    return {"float32": model, "auto": copy.deepcopy(model)}
+
+
 def engine(model, tokenizer, **kw):
     kw.setdefault("kv_cache_gib", 0.01)
+    kw.setdefault("dtype", "float32")  # compared with generate(), which runs the model as it is (float32)
     return Engine(model, tokenizer, ServeConfig(**kw))
 
 
@@ -49,11 +67,15 @@ def test_greedy_equals_recomputing_without_a_cache(model, tokenizer):
         assert c.token_ids == generate(model, p, 20, temperature=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("budget", [512, 7])  # 7: prefills run in chunks over several steps
-def test_greedy_alone_equals_greedy_in_a_busy_batch(model, tokenizer, budget):
-    ps = prompts(12, seed=2)
-    alone = [engine(model, tokenizer).generate([p], greedy(8 + i))[0][0].token_ids for i, p in enumerate(ps)]
-    eng = engine(model, tokenizer, max_num_batched_tokens=budget)
+def test_greedy_alone_equals_greedy_in_a_busy_batch(models, tokenizer, budget, dtype):
+    model, ps = models[dtype], prompts(12, seed=2)
+    alone = [engine(model, tokenizer, dtype=dtype).generate([p], greedy(8 + i))[0][0].token_ids
+             for i, p in enumerate(ps)]
+    assert [len(a) for a in alone] == [8 + i for i in range(len(ps))]
+    eng = engine(model, tokenizer, max_num_batched_tokens=budget, dtype=dtype)
+    assert eng.runner.k_cache[0].dtype == choose_dtype(dtype, torch.device("cpu")).dtype  # bf16 here under auto
     ids = [eng.add_request(p, greedy(8 + i)) for i, p in enumerate(ps)]
     out = {r: [] for r in ids}
     while eng.has_unfinished():
@@ -63,36 +85,42 @@ def test_greedy_alone_equals_greedy_in_a_busy_batch(model, tokenizer, budget):
     assert eng.blocks.num_free_blocks == eng.blocks.num_blocks
 
 
-def test_preemption_under_a_tiny_cache_gives_the_same_tokens(model, tokenizer):
-    ps = prompts(6, seed=3, lo=20, hi=40)
-    want = [engine(model, tokenizer).generate([p], greedy(40))[0][0].token_ids for p in ps]
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_preemption_under_a_tiny_cache_gives_the_same_tokens(models, tokenizer, dtype):
+    model, ps = models[dtype], prompts(6, seed=3, lo=20, hi=40)
+    want = [engine(model, tokenizer, dtype=dtype).generate([p], greedy(40))[0][0].token_ids for p in ps]
     # 12 blocks of 16 tokens: not enough for six 60-80-token sequences at once, so some get preempted.
-    eng = engine(model, tokenizer, kv_cache_gib=12 * 16 * 2 * 2 * 2 * 16 * 4 / 2 ** 30, max_model_len=128)
+    # Bytes: blocks x tokens x (K, V) x layers x kv heads x head_dim x the cache's element size.
+    size = choose_dtype(dtype, torch.device("cpu")).dtype.itemsize
+    eng = engine(model, tokenizer, kv_cache_gib=12 * 16 * 2 * 2 * 2 * 16 * size / 2 ** 30, max_model_len=128,
+                 dtype=dtype)
     assert eng.blocks.num_blocks == 12
     got = eng.generate(ps, greedy(40))
     assert [c.token_ids for [c] in got] == want
     assert eng.blocks.num_free_blocks == eng.blocks.num_blocks
 
 
-def test_prefix_cache_hit_reuses_blocks_and_gives_the_same_output(model, tokenizer):
-    shared = prompts(1, seed=4, lo=50, hi=51)[0]
-    eng = engine(model, tokenizer)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefix_cache_hit_reuses_blocks_and_gives_the_same_output(models, tokenizer, dtype):
+    model, shared = models[dtype], prompts(1, seed=4, lo=50, hi=51)[0]
+    eng = engine(model, tokenizer, dtype=dtype)
     [[first]] = eng.generate([shared + [5, 6]], greedy(10))
     assert eng.blocks.num_cache_hits == 0
     [[second]] = eng.generate([shared + [5, 6]], greedy(10))
     assert eng.blocks.num_cache_hits == 3  # 52 tokens: blocks 0-2 are full and cached
     assert second.token_ids == first.token_ids
-    fresh = engine(model, tokenizer, prefix_caching=False)
+    fresh = engine(model, tokenizer, prefix_caching=False, dtype=dtype)
     [[third]] = fresh.generate([shared + [7]], greedy(10))
     [[fourth]] = eng.generate([shared + [7]], greedy(10))
     assert fourth.token_ids == third.token_ids
 
 
-def test_seeded_sampling_does_not_depend_on_the_batch(model, tokenizer):
-    ps = prompts(5, seed=5)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_seeded_sampling_does_not_depend_on_the_batch(models, tokenizer, dtype):
+    model, ps = models[dtype], prompts(5, seed=5)
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
-    alone = [engine(model, tokenizer).generate([p], params)[0][0].token_ids for p in ps]
-    together = [c.token_ids for [c] in engine(model, tokenizer).generate(ps, params)]
+    alone = [engine(model, tokenizer, dtype=dtype).generate([p], params)[0][0].token_ids for p in ps]
+    together = [c.token_ids for [c] in engine(model, tokenizer, dtype=dtype).generate(ps, params)]
     assert together == alone
 
 
@@ -178,10 +206,11 @@ def test_cli_generate_writes_one_json_line_per_prompt(tmp_path, model, tokenizer
     ckpt = save_varlen(model, Config(model=CFG), tokenizer, tmp_path / "m")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "def f():"}\n\n{"prompt": "import sys"}\n{"prompt": "class A:"}\n')
-    assert cli_main(["generate", str(ckpt), "--prompts-file", str(prompts), "--max-tokens", "6", "--no-progress"]) == 0
+    assert cli_main(["generate", str(ckpt), "--prompts-file", str(prompts), "--max-tokens", "6", "--no-progress",
+                     "--dtype", "float32"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in rows] == ["def f():", "import sys", "class A:"]
-    [[want]] = Engine(model, tokenizer, ServeConfig(kv_cache_gib=0.01)).generate(["import sys"], SamplingParams(max_tokens=6, temperature=0))
+    [[want]] = engine(model, tokenizer).generate(["import sys"], SamplingParams(max_tokens=6, temperature=0))
     assert rows[1]["text"] == want.text and rows[1]["completion_tokens"] <= 6
     prompts.write_text('{"prompt": "x"}\nnot json\n')
     assert cli_main(["generate", str(ckpt), "--prompts-file", str(prompts), "--no-progress"]) == 2

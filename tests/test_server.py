@@ -187,7 +187,9 @@ def test_disconnect_cancels_and_frees_blocks(server):
 
 
 def test_queue_limit_answers_429_with_retry_after(model_dir):
-    s = Server(model_dir, "--max-num-seqs", "1", "--max-waiting", "1")
+    # float32: the 1000-token request must finish within the client's 30 s, and on a busy 2-core CPU this tiny
+    # model decodes 1.5-3x slower in bf16 (what --dtype auto picks on a CPU with bf16 matrix units).
+    s = Server(model_dir, "--max-num-seqs", "1", "--max-waiting", "1", "--dtype", "float32")
     try:
         body = {"prompt": "x", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
         results = []
@@ -218,9 +220,11 @@ def test_speculative_server_streams_the_ordinary_greedy_text_and_reports_accepta
     torch.manual_seed(0)
     model = Transformer(cfg.model).eval()
     path = save_varlen(model, cfg, tok, tmp_path / "heads")
-    [[want]] = Engine(model, tok, ServeConfig(kv_cache_gib=0.01)).generate(
+    # float32 on both sides: speculative output is ordinary output exactly there (in bf16 a verify step's rows
+    # round differently from one-token decodes, so a near-tie may go the other way).
+    [[want]] = Engine(model, tok, ServeConfig(kv_cache_gib=0.01, dtype="float32")).generate(
         ["import os\n"], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
-    s = Server(path, "--speculative")
+    s = Server(path, "--speculative", "--dtype", "float32")
     try:
         whole = s.client.completions.create(model="heads", prompt="import os\n", max_tokens=20, **GREEDY)
         chunks = s.client.completions.create(model="heads", prompt="import os\n", max_tokens=20, stream=True, **GREEDY)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint.io import CheckpointError
-from .config import ConfigError
+from .config import DTYPE_CHOICES, QUANTIZATION_CHOICES, ConfigError
 from .data.corpus import CorpusError
 from .serve.request import RequestError
 
@@ -121,6 +121,8 @@ def cmd_sample(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     if args.speculative:
         new = _sample_speculative(model, tok, prompt_ids, args)
     else:
+        from .precision import prepare_model
+        prepare_model(model, args.dtype)  # the engine does this itself on the --speculative path
         new = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                        args.seed, stop_id=tok.eod_id, max_seq_len=cfg.model.max_seq_len)
     sys.stdout.write(tok.decode(new) + "\n")
@@ -137,7 +139,8 @@ def _sample_speculative(model, tok, prompt_ids: list[int], args: argparse.Namesp
 
     if args.max_new_tokens < 1:
         return []
-    engine = Engine(model, tok, ServeConfig(max_num_seqs=1, speculative=True, num_speculative=args.num_speculative))
+    engine = Engine(model, tok, ServeConfig(max_num_seqs=1, speculative=True, num_speculative=args.num_speculative,
+                                            dtype=args.dtype))
     room = engine.max_model_len - len(prompt_ids)
     if room < 1:
         raise ConfigError(f"the prompt ({len(prompt_ids)} tokens) fills the model's {engine.max_model_len}-token "
@@ -198,7 +201,8 @@ def _serve_config(args: argparse.Namespace):
     cfg = ServeConfig(block_size=args.block_size, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                       max_waiting=args.max_waiting, speculative=args.speculative,
-                      num_speculative=args.num_speculative, speculative_max_batch=args.speculative_max_batch)
+                      num_speculative=args.num_speculative, speculative_max_batch=args.speculative_max_batch,
+                      dtype=args.dtype, quantization=args.quantization)
     checks = [(cfg.block_size >= 1, "--block-size must be at least 1"),
               (cfg.num_speculative >= 0, "--num-speculative must be 0 (one draft per MTP head) or positive"),
               (cfg.speculative or not cfg.num_speculative, "--num-speculative needs --speculative"),
@@ -349,6 +353,12 @@ def speculative_options(sp: argparse.ArgumentParser) -> None:
                     help="drafts per step with --speculative (default 0: one per MTP head)")
 
 
+def dtype_option(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                    help="weights' dtype (default auto: bfloat16 on CUDA and on CPUs where a probe finds bf16 "
+                         "matmuls faster, else float32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="varlen", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -376,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
+    dtype_option(s)
     speculative_options(s)
     s.set_defaults(fn=cmd_sample)
 
@@ -402,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per forward")
         sp.add_argument("--max-model-len", type=int, default=0, help="prompt + output limit (0 = the model's)")
         sp.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
+        dtype_option(sp)
+        sp.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default="none",
+                        help="int8: weight-only int8 weights, a quarter of fp32's memory (default none)")
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     sv.add_argument("run_dir", help="varlen run or checkpoint directory, or a Hugging Face Llama directory")

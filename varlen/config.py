@@ -14,6 +14,9 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 # block: attends over its own cache layer, so it runs on every token; mlp: reads only its own position's trunk
 # state, so serving runs it only on the row a request drafts from (cheaper drafts, usually lower acceptance).
 MTP_HEAD_KINDS = ("block", "mlp")
+# auto: bf16 where this device runs it faster (varlen/precision.py decides), else float32.
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+QUANTIZATION_CHOICES = ("none", "int8")  # int8: weight-only, serving only (varlen/model/quant.py)
 
 
 class ConfigError(ValueError):
@@ -91,7 +94,7 @@ class TrainConfig:
     log_every: int = 1
     seed: int = 1337
     device: str = "auto"         # auto | cpu | cuda
-    dtype: str = "auto"          # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    dtype: str = "auto"          # auto (bf16 autocast where it pays: see precision.py) | float32 | bfloat16
     compile: bool = False
     threads: int = 0             # torch CPU threads; 0 = torch's default
     init_from: str = ""          # start from these weights: a varlen run/checkpoint or a HF Llama directory
@@ -115,6 +118,16 @@ class ServeConfig:
     speculative: bool = False           # draft tokens with the model's MTP heads, verify them in the next step
     num_speculative: int = 0            # drafts per step (<= the model's mtp_heads); 0 = one per head
     speculative_max_batch: int = 0      # draft only while at most this many requests run; 0 = always
+    dtype: str = "auto"                 # weights and KV cache: auto (bf16 where it runs faster) | float32 | bfloat16
+    quantization: str = "none"          # none | int8 (weight-only)
+
+    def __post_init__(self):
+        # Checked here, not only by the CLI: a bad value would otherwise surface deep in model loading.
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"dtype (--dtype) {self.dtype!r} unknown; use one of: {', '.join(DTYPE_CHOICES)}")
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ConfigError(f"quantization (--quantization) {self.quantization!r} unknown; use one of: "
+                              f"{', '.join(QUANTIZATION_CHOICES)}")
 
 
 @dataclass
@@ -266,7 +279,7 @@ def validate(cfg: Config) -> None:
         (lambda: t.keep_last >= 1, f"train.keep_last is {t.keep_last}; keep at least 1 checkpoint"),
         (lambda: t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
          f"train.device {t.device!r} unknown; use auto, cpu or cuda"),
-        (lambda: t.dtype in ("auto", "float32", "bfloat16"), f"train.dtype {t.dtype!r} unknown; use auto, float32 or bfloat16"),
+        (lambda: t.dtype in DTYPE_CHOICES, f"train.dtype {t.dtype!r} unknown; use one of: {', '.join(DTYPE_CHOICES)}"),
         (lambda: d.batching in ("pack", "dd", "concat_chunk", "pad"),
          f"data.batching {d.batching!r} unknown; use pack, dd, concat_chunk or pad"),
         (lambda: d.curriculum in ("uniform", "grow_p2", "shortest_first", "cyclic"),

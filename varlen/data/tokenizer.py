@@ -88,6 +88,11 @@ class TextTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
+    def decode_stream(self) -> "TextStream":
+        """Incremental decoding of one generated sequence: each token costs O(1), not a decode of the whole
+        output, and a character split across tokens comes out whole once its last token arrives."""
+        return TextStream(self.tok)
+
     def to_json(self) -> str:
         return self.tok.to_str()
 
@@ -132,6 +137,17 @@ class TextTokenizer:
             raise ValueError(f"{conf_path}: {FRAMING_KEY} is {framing!r}; set it to {DOCUMENT_FRAMING!r} ([bos] + "
                              f"text, varlen's own) or {TOKENIZER_FRAMING!r} (as transformers frames the text)")
         return cls(tok, eos or EOD, bos if bos != (eos or EOD) else None, framing)
+
+
+class TextStream:
+    """`tokenizers`' DecodeStream bound to its tokenizer: step(id) -> the text that token completes ("" while
+    a multi-byte character is still partial)."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok, self.stream = tok, decoders.DecodeStream(skip_special_tokens=True)
+
+    def step(self, token: int) -> str:
+        return self.stream.step(self.tok, token) or ""
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> TextTokenizer:

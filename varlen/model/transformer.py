@@ -72,11 +72,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=False)
 
+    def fuse_(self) -> None:
+        """Serving: q, k and v from one matmul (one call, one pass over x). The separate weights stay the
+        checkpoint format, so only a model that is not trained or saved again is fused."""
+        _fuse(self, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, attend) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.n_head, self.head_dim)     # (T, H, D)
-        k = self.k_proj(x).view(T, self.n_kv_head, self.head_dim)  # (T, Hkv, D)
-        v = self.v_proj(x).view(T, self.n_kv_head, self.head_dim)  # (T, Hkv, D)
+        if hasattr(self, "qkv_proj"):
+            hq, hkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+            q, k, v = self.qkv_proj(x).split([hq, hkv, hkv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(T, self.n_head, self.head_dim)                  # (T, H, D)
+        k = k.view(T, self.n_kv_head, self.head_dim)               # (T, Hkv, D)
+        v = v.view(T, self.n_kv_head, self.head_dim)               # (T, Hkv, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attend(q, k, v, batch)                               # (T, H, D)
         return self.o_proj(out.reshape(T, self.n_head * self.head_dim))
@@ -89,8 +99,45 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
+    def fuse_(self) -> None:
+        """Serving: gate and up projections from one matmul (see Attention.fuse_)."""
+        _fuse(self, ("gate_proj", "up_proj"), "gate_up_proj")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _fuse(module: nn.Module, names: tuple[str, ...], fused_name: str) -> None:
+    """Replace the bias-free Linears `names` of `module` by one Linear `fused_name` whose output is theirs side
+    by side. The state dict keeps the separate weights (split on save, joined on load), so a fused model
+    still saves and loads as the checkpoint format has it."""
+    if hasattr(module, fused_name):
+        return
+    linears = [getattr(module, n) for n in names]
+    sizes = [lin.out_features for lin in linears]
+    w = torch.cat([lin.weight.detach() for lin in linears])
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    for n in names:
+        delattr(module, n)
+    setattr(module, fused_name, fused)
+
+    def split_on_save(_module, state_dict, prefix, _meta):
+        key = f"{prefix}{fused_name}.weight"
+        if key in state_dict:
+            for n, part in zip(names, state_dict.pop(key).split(sizes)):
+                state_dict[f"{prefix}{n}.weight"] = part
+
+    def join_on_load(state_dict, prefix, *_):
+        keys = [f"{prefix}{n}.weight" for n in names]
+        if all(k in state_dict for k in keys):
+            state_dict[f"{prefix}{fused_name}.weight"] = torch.cat([state_dict.pop(k) for k in keys])
+
+    module.register_state_dict_post_hook(split_on_save)
+    module._register_load_state_dict_pre_hook(join_on_load)
 
 
 class Block(nn.Module):
@@ -122,6 +169,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp: MTPHeads | None = None
+        self.output_proj: nn.Module | None = None  # serving may replace the vocab projection (int8, see quant.py)
         self.attention_backend = cfg.attention
         self.reset_parameters()
         if cfg.mtp_heads:
@@ -151,6 +199,19 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed_tokens.weight.numel() if non_embedding else n
 
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (..., dim) -> logits (..., vocab)."""
+        if self.output_proj is not None:
+            return self.output_proj(h)
+        return F.linear(h, self.output_weight())
+
+    def fuse_projections_(self) -> "Transformer":
+        """Serving: fused q/k/v and gate/up matmuls in every block, MTP heads included (see Attention.fuse_)."""
+        for module in list(self.modules()):
+            if isinstance(module, (Attention, MLP)):
+                module.fuse_()
+        return self
+
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
@@ -179,7 +240,7 @@ class Transformer(nn.Module):
         if heads:
             return self.logits_with_heads(ids, batch, rows)
         h = self.hidden_states(ids, batch)
-        return F.linear(h if rows is None else h[rows], self.output_weight())
+        return self.project(h if rows is None else h[rows])
 
     def logits_with_heads(self, ids: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None,
                           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -188,12 +249,11 @@ class Transformer(nn.Module):
         projection only at `rows`."""
         x, (cos, sin, attend) = self.trunk(ids, batch)
         h = self.norm(x)
-        w = self.output_weight()
-        base = F.linear(h if rows is None else h[rows], w)
+        base = self.project(h if rows is None else h[rows])
         if self.mtp is None:
             return base, []
         outs = self.mtp(x, cos, sin, batch, attend)  # k x (T, dim), before the shared final norm
-        return base, [F.linear(self.norm(o if rows is None else o[rows]), w) for o in outs]
+        return base, [self.project(self.norm(o if rows is None else o[rows])) for o in outs]
 
     def logits_and_draft_states(self, ids: torch.Tensor, batch: Batch, rows: torch.Tensor, num_heads: int,
                                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -203,7 +263,7 @@ class Transformer(nn.Module):
         (rows, 1, dim) trunk states for mlp heads, which run later and only on the row a request drafts from
         (known only after verification). None when num_heads is 0."""
         x, (cos, sin, attend) = self.trunk(ids, batch)
-        base = F.linear(self.norm(x)[rows], self.output_weight())
+        base = self.project(self.norm(x)[rows])
         if not num_heads:
             return base, None
         if not self.mtp.attends:
@@ -217,7 +277,7 @@ class Transformer(nn.Module):
             outs = states[:, :num_heads]
         else:
             outs = torch.stack(self.mtp(states[:, 0], num_heads=num_heads), dim=1)
-        return F.linear(self.norm(outs), self.output_weight())
+        return self.project(self.norm(outs))
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: float) -> float:

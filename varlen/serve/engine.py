@@ -18,6 +18,7 @@ from ..checkpoint import load_model
 from ..config import ModelConfig, ServeConfig
 from ..data.tokenizer import TextTokenizer
 from ..model.transformer import Transformer
+from ..precision import prepare_model
 from .block_manager import BlockManager
 from .request import Request, RequestError, SamplingParams, Status
 from .runner import ModelRunner, SeqLogits, num_blocks_for
@@ -52,6 +53,10 @@ class Completion:
 class Engine:
     def __init__(self, model: Transformer, tokenizer: TextTokenizer, cfg: ServeConfig | None = None):
         self.cfg = cfg = cfg or ServeConfig()
+        # The engine owns the model from here: cast in place (a copy would double the weights' memory), so
+        # the KV cache below, sized and typed from the parameters, follows. Logits stay float32 (runner.run).
+        model.fuse_projections_()  # one matmul for q/k/v and one for gate/up: fewer calls per step
+        self.precision = prepare_model(model, cfg.dtype, cfg.quantization)
         self.model, self.tokenizer = model.eval(), tokenizer
         mcfg: ModelConfig = model.cfg
         self.max_model_len = cfg.max_model_len or mcfg.max_seq_len
@@ -208,7 +213,9 @@ class Engine:
                 entry = logprob_entry(logits.base[row], token, p.logprobs)
                 req.logprobs.append(entry)
                 new_lp.append(entry)
-            text = self.tokenizer.decode(req.output_ids)
+            if req.detok is None:
+                req.detok = self.tokenizer.decode_stream()
+            text = req.output_text + req.detok.step(token)
             cut = _find_stop(text, p.stop, len(req.output_text))
             if cut is not None:
                 text, reason = text[:cut], "stop"
@@ -238,12 +245,11 @@ class Engine:
             req.draft_ids, req.draft_probs = draft(head_rows[:limit], req.params, req.generator)
 
     def _new_text(self, req: Request, final: bool) -> str:
-        """Text not yet streamed, holding back an incomplete UTF-8 character or a possible stop-string start."""
+        """Text not yet streamed, holding back a possible stop-string start (the decode stream already holds
+        back a character whose bytes have not all arrived)."""
         text, start = req.output_text, self._emitted[req.request_id]
         end = len(text)
         if not final:
-            while end > start and text[end - 1] == "\ufffd":
-                end -= 1
             for s in req.params.stop:
                 for k in range(min(len(s) - 1, end - start), 0, -1):
                     if text[end - k:end] == s[:k]:

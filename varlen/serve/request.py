@@ -98,6 +98,7 @@ class Request:
     draft_ids: list[int] = field(default_factory=list)
     draft_probs: torch.Tensor | None = None
     guide: Any = None                  # structured.Guide enforcing params.grammar, advanced with each token
+    detok: Any = None                  # the tokenizer's decode_stream(): output text, one token at a time
 
     @property
     def all_ids(self) -> list[int]:

@@ -434,8 +434,14 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_keys:
     """Listen at once (/health says 503 while the model loads), load the model in the background. Returns the
     process's exit code: 1 if the engine stopped (after in-flight requests were failed), else 0."""
     import uvicorn
+    from uvicorn.config import LOG_LEVELS, LOGGING_CONFIG
     state = ServerState(name or Path(path).name, cfg or ServeConfig(), api_keys or [])
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level))
+    # varlen's own messages (e.g. at --log-level info, the dtype the engine chose and why) print as uvicorn's
+    # do, at the same level; without a handler only warnings and errors would reach stderr.
+    own = {"handlers": ["default"], "level": LOG_LEVELS.get(log_level, log_level), "propagate": False}
+    log_config = {**LOGGING_CONFIG, "loggers": {**LOGGING_CONFIG["loggers"], "varlen": own}}
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
+                                           log_config=log_config))
 
     def engine_died(reason: str) -> None:
         # Let /health answer 503 for a moment (a probe sees why), then stop accepting and exit non-zero.

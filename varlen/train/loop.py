@@ -32,6 +32,7 @@ from ..data.tokens import TokenStore, prepare, split_documents
 from ..model.attention import choose_backend
 from ..model.mtp import freeze_trunk, head_loss_sums, head_target_counts, load_with_heads
 from ..model.transformer import Transformer
+from ..precision import PrecisionChoice, choose_dtype
 from . import calibrate, dist
 from .dist import DistEnv
 from .optim import make_optimizer
@@ -48,9 +49,23 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
-def autocast_for(device: torch.device, dtype: str):
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast, or nothing for float32: the weights and optimizer state stay float32 either way."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+
+
+def training_precision(requested: str, device: torch.device, env: DistEnv, resumed: str | None) -> PrecisionChoice:
+    """choose_dtype's answer for train.dtype, kept for the whole run: a resumed `auto` run reuses the dtype it
+    started with (`resumed`), so a probe that answers differently this time cannot break exact resumption.
+    Under torchrun rank 0 alone probes (probes running at once on shared cores would disturb each other) and
+    every rank follows it, as all must run the same numerics. Call on every rank."""
+    if requested == "auto" and resumed:
+        return PrecisionChoice(getattr(torch, resumed), f"auto -> {resumed}: as the run chose at its start")
+    if requested != "auto" or not env.enabled:
+        return choose_dtype(requested, device)
+    choice = choose_dtype(requested, device) if env.is_master else None
+    bf16 = dist.sum_across(env, float(choice is not None and choice.dtype == torch.bfloat16)) > 0
+    return choice or PrecisionChoice(torch.bfloat16 if bf16 else torch.float32, "auto: rank 0's choice")
 
 
 def loss_sum(model: torch.nn.Module, micro: MicroBatch, amp, mtp_weight: float = 0.0) -> torch.Tensor:
@@ -131,6 +146,7 @@ class Run:
     info: dict
     env: DistEnv
     assign: Callable            # lengths, ranks -> sequence indices per rank (used when ranks > 1)
+    precision: PrecisionChoice    # bf16 autocast or float32 for the steps and evaluation
     elapsed: float = 0.0          # seconds spent in training steps so far (not eval or saving), kept on resume
 
 
@@ -195,7 +211,7 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
         log(f"trunk frozen: training {freeze_trunk(model) / 1e6:.2f}M MTP head parameters")
     model = model.to(device)
     optimizer = make_optimizer(model, cfg.train)
-    start_step, elapsed = 0, 0.0
+    start_step, elapsed, resumed_dtype = 0, 0.0, None
     if ckpt is not None:
         io.load_weights(model, ckpt)
         state = io.load_train_state(ckpt)
@@ -206,12 +222,15 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         start_step = int(state["step"])
         elapsed = float(state.get("time", 0.0))
+        # Checkpoints written before auto could pick bf16 on a CPU ran the old rule: bf16 on CUDA only.
+        resumed_dtype = state.get("dtype", "bfloat16" if device.type == "cuda" else "float32")
         if env.is_master:
             _truncate_metrics(run_dir / METRICS, start_step)
         log(f"resuming {run_dir} from {ckpt.name} (step {start_step})")
     elif env.is_master:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / METRICS).unlink(missing_ok=True)
+    precision = training_precision(cfg.train.dtype, device, env, resumed_dtype)
     cost = calibrate.load(cfg.data.cost_model) if cfg.data.cost_model else CostModel.from_flops(cfg.model)
     assign = dist.assigner(cfg.data.balance, cost)
     step_model: torch.nn.Module = model
@@ -221,7 +240,7 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
         step_model = torch.compile(step_model, dynamic=True)
     if not env.is_master:
         return Run(cfg, run_dir, device, model, step_model, optimizer, loader, val, tokenizer, start_step, {},
-                   env, assign, elapsed)
+                   env, assign, precision, elapsed)
     save_json(cfg, run_dir / "config.json")
     tokenizer.save_dir(run_dir, cfg.model.max_seq_len)
 
@@ -231,15 +250,17 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
         "tokens": store.num_tokens, "unigram_entropy": entropy, "fill_ratio": loader.fill_ratio(),
         "parameters": model.num_params(), "attention": choose_backend(cfg.model.attention, device),
         "device": str(device), "val_tokens": sum(m.num_targets for m in val), "ranks": env.world_size,
-        "balance": cfg.data.balance if env.enabled else None,
+        "balance": cfg.data.balance if env.enabled else None, "dtype": precision.name,
     }
     (run_dir / "data.json").write_text(json.dumps(info, indent=2) + "\n")
     log(f"{info['documents']:,} documents ({info['val_documents']} held out), {info['tokens']:,} tokens, "
         f"unigram entropy {entropy:.3f} nats/token; packed rows {100 * info['fill_ratio']:.2f}% full; "
         f"model {info['parameters'] / 1e6:.2f}M parameters, attention {info['attention']} on {device}"
         + (f"; {env.world_size} ranks, {cfg.data.balance} split" if env.enabled else ""))
+    log(f"precision: {precision.reason}" + (" (bf16 autocast, float32 weights and optimizer state)"
+                                            if precision.dtype == torch.bfloat16 else ""))
     return Run(cfg, run_dir, device, model, step_model, optimizer, loader, val, tokenizer, start_step, info,
-               env, assign, elapsed)
+               env, assign, precision, elapsed)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -291,7 +312,7 @@ def fit(run: Run, micros: list[MicroBatch], lr: float, amp, n_targets: int = 0) 
 
 def main(run: Run, log: Callable[[str], None] = print, progress: bool = True) -> dict:
     cfg, t = run.cfg, run.cfg.train
-    amp = autocast_for(run.device, t.dtype)
+    amp = autocast_for(run.device, run.precision.dtype)
     last: dict = {}
     master = run.env.is_master
     bar = tqdm(total=t.max_steps, initial=run.start_step, disable=not (progress and master), unit="step",
@@ -339,7 +360,8 @@ def save(run: Run, step: int) -> Path:
     rng = {"torch": torch.get_rng_state()}
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state()
-    state = {"step": step, "time": run.elapsed, "optimizer": run.optimizer.state_dict(), "loader": run.loader.state_dict(), "rng": rng}
+    state = {"step": step, "time": run.elapsed, "optimizer": run.optimizer.state_dict(), "loader": run.loader.state_dict(), "rng": rng,
+             "dtype": run.precision.name}
     return io.save_checkpoint(run.run_dir, step, run.model, run.cfg, run.tokenizer, state,
                               run.cfg.train.keep_last)
 
