@@ -828,8 +828,8 @@ def plot(rows: list[dict], path: Path, title: str, args) -> None:
     done = [r for r in rows if "workload" in r]
     if not done:
         return
-    labels = [r["label"].replace(" --", "\n--").replace("llama-server ", "llama-server\n")
-              .replace("vLLM-CPU ", "vLLM-CPU\n").replace("varlen ", "varlen\n", 1) for r in done]
+    names = {"varlen": "varlen", "vllm": "vLLM-CPU", "llamacpp": "llama.cpp"}
+    labels = [f"{names[r['engine']]}\n{r['variant'].split(':', 1)[1]}" for r in done]
     colors = {"varlen": "#1f77b4", "vllm": "#2ca02c", "llamacpp": "#d62728"}
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, key, what in ((axes[0], "workload", f"workload output tok/s ({args.requests} requests, "
@@ -842,7 +842,7 @@ def plot(rows: list[dict], path: Path, title: str, args) -> None:
         for bar, v in zip(bars, vals):
             ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(done)))
-        ax.set_xticklabels(labels, fontsize=7.5)
+        ax.set_xticklabels(labels, fontsize=8)
         ax.set_title(what, fontsize=10)
         ax.set_ylabel("tokens / s")
         ax.grid(axis="y", alpha=0.3)
