@@ -12,11 +12,11 @@ from tests.helpers import varlen_cmd
 from varlen.checkpoint.hf_llama import save_varlen
 from varlen.cli import main
 from varlen.config import Config, ModelConfig, ServeConfig
-from varlen.data.corpus import stdlib_files
-from varlen.data.tokenizer import train_tokenizer
 from varlen.model.transformer import Transformer
 from varlen.serve.engine import LLM, Engine, PromptError, offline_window
 from varlen.serve.request import RequestError, SamplingParams
+
+from .test_serve_engine import tokenizer  # noqa: F401 (fixture)
 
 CFG = ModelConfig(vocab_size=320, dim=64, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=128)
 
@@ -28,11 +28,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer([p.read_text(errors="replace") for p in stdlib_files()[:30]], 320)
 
 
 @pytest.fixture(scope="module")
