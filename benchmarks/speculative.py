@@ -26,7 +26,7 @@ import torch
 from machine import machine_info
 from varlen.batch import Batch
 from varlen.checkpoint import load_model
-from varlen.config import ServeConfig
+from varlen.config import DTYPE_CHOICES, QUANTIZATION_CHOICES, ServeConfig
 from varlen.data.corpus import stdlib_files
 from varlen.serve.engine import Engine
 from varlen.serve.request import SamplingParams
@@ -35,11 +35,13 @@ from varlen.serve.request import SamplingParams
 def build_prompts(tok, n: int, prompt_tokens: int, seed: int) -> list[list[int]]:
     files = [p for p in stdlib_files() if p.stat().st_size > 4 * prompt_tokens]
     chosen = random.Random(seed).sample(files, n)
-    return [[tok.bos_id] + tok.encode(p.read_text(errors="replace"))[:prompt_tokens] for p in chosen]
+    # Framed as the engine frames a text prompt (the model's BOS where it was trained with one), then cut.
+    return [tok.encode_prompt(p.read_text(errors="replace"))[:prompt_tokens] for p in chosen]
 
 
 def run(model, tok, prompts: list[list[int]], args, batch: int, speculative: bool) -> dict:
     cfg = ServeConfig(max_num_seqs=batch, kv_cache_gib=args.kv_cache_gib, speculative=speculative,
+                      dtype=args.dtype, quantization=args.quantization,
                       num_speculative=args.num_speculative if speculative else 0,
                       speculative_max_batch=args.speculative_max_batch if speculative else 0,
                       max_model_len=args.prompt_tokens + 1 + args.max_tokens)
@@ -62,7 +64,8 @@ def run(model, tok, prompts: list[list[int]], args, batch: int, speculative: boo
     drafted = [a - b for a, b in zip(s.drafted, warm[0])]
     accepted = [a - b for a, b in zip(s.accepted, warm[1])]
     verify_steps, emitted = s.verify_steps - warm[2], s.emitted - warm[3]
-    res = {"batch": batch, "speculative": speculative, "seconds": seconds, "tokens": tokens,
+    res = {"batch": batch, "speculative": speculative, "precision": eng.precision.reason,
+           "seconds": seconds, "tokens": tokens,
            "tokens_per_s": tokens / seconds, "engine_steps": steps,
            "outputs": [outputs[f"r{i}"] for i in range(len(prompts))]}
     if speculative:
@@ -102,6 +105,8 @@ def main() -> int:
     ap.add_argument("--num-speculative", type=int, default=0, help="drafts per step (0 = one per head)")
     ap.add_argument("--speculative-max-batch", type=int, default=0,
                     help="draft only while at most this many requests run (0 = always)")
+    ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="serving dtype (as varlen serve)")
+    ap.add_argument("--quantization", default="none", choices=QUANTIZATION_CHOICES)
     ap.add_argument("--kv-cache-gib", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--seed", type=int, default=0)
@@ -117,11 +122,14 @@ def main() -> int:
     info = machine_info(torch.get_num_threads(), packages=())
     print(json.dumps(info))
     print(f"model {args.model}: {cfg.model.n_layer} layers, dim {cfg.model.dim}, {cfg.model.mtp_heads} "
-          f"{cfg.model.mtp_head} MTP heads")
+          f"{cfg.model.mtp_head} MTP heads; --dtype {args.dtype} --quantization {args.quantization}")
     results = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         plain = run(model, tok, prompts, args, batch, speculative=False)
+        precision = plain.pop("precision")
         spec = run(model, tok, prompts, args, batch, speculative=True)
+        spec.pop("precision")
+        print(f"precision: {precision}")
         same = sum(a == b for a, b in zip(plain["outputs"], spec["outputs"]))
         agreement = head_agreement(model, prompts, plain["outputs"])
         for r in (plain, spec):
@@ -139,7 +147,8 @@ def main() -> int:
               + f"); x{row['speedup']:.2f}; outputs equal {same}/{len(prompts)}")
         print("           heads 1..j all right at every generated position (not only where a draft starts): "
               + " ".join(f"{a:.2f}" for a in agreement))
-    out = {"machine": info, "model": args.model, "mtp_heads": cfg.model.mtp_heads, "mtp_head": cfg.model.mtp_head,
+    out = {"machine": info, "model": args.model, "precision": precision,
+           "mtp_heads": cfg.model.mtp_heads, "mtp_head": cfg.model.mtp_head,
            "params": {k: v for k, v in vars(args).items() if k != "out"}, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

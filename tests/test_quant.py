@@ -48,9 +48,9 @@ def test_int8_linear_matches_its_dequantized_weight_and_picks_the_dense_path_for
         deq = torch.nn.functional.linear(x, q.qweight.float() * q.scales.float()[:, None])
         dense = lin(x)
     if rows <= 4:  # int8 weights, bf16 activations
-        assert torch.allclose(out, deq, atol=0.05, rtol=0.02) and not torch.equal(out, dense)
-    else:
-        assert torch.equal(out, dense)
+        assert torch.allclose(out, deq, atol=0.05, rtol=0.02) and not torch.allclose(out, dense, atol=1e-5)
+    else:  # the fp32 weight (prepacked where oneDNN is there: equal up to summation order)
+        assert torch.allclose(out, dense, atol=1e-5) and not torch.allclose(out, deq, atol=1e-3)
 
 
 @needs_kernel

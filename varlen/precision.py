@@ -131,9 +131,11 @@ def choose_dtype(requested: str, device: torch.device) -> PrecisionChoice:
     return PrecisionChoice(bf16, f"auto -> bfloat16: CPU has {found[0]} and a bf16 matmul ran {speedup:.1f}x fp32")
 
 
-def prepare_model(model: torch.nn.Module, dtype: str = "auto", quantization: str = "none") -> PrecisionChoice:
+def prepare_model(model: torch.nn.Module, dtype: str = "auto", quantization: str = "none",
+                  pack: bool = True) -> PrecisionChoice:
     """Cast `model` in place to the dtype `choose_dtype` picks for its device, then (quantization "int8")
-    quantize its weights; logs and returns the choice."""
+    quantize its weights, or (pack, on a CPU with oneDNN) prepack its dense ones; logs and returns the choice.
+    Either way the model can serve but no longer train."""
     if quantization not in QUANTIZATION_CHOICES:
         raise ConfigError(f"quantization {quantization!r} unknown; use one of: {', '.join(QUANTIZATION_CHOICES)}")
     choice = choose_dtype(dtype, next(model.parameters()).device)
@@ -148,5 +150,10 @@ def prepare_model(model: torch.nn.Module, dtype: str = "auto", quantization: str
                               "use --quantization none") from None
         quantize_int8_(model)
         choice = PrecisionChoice(choice.dtype, choice.reason + "; weights quantized to int8")
+    elif pack:
+        from .model.packed import pack_linears_, packing_available
+        if packing_available(next(model.parameters()).device):
+            pack_linears_(model)
+            choice = PrecisionChoice(choice.dtype, choice.reason + "; weights prepacked for oneDNN")
     log.info("precision: %s", choice.reason)
     return choice

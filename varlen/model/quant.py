@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .packed import PackedLinear, packing_available
+
 
 def int8_kernel_available(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm")
@@ -36,13 +38,14 @@ class Int8Linear(nn.Module):
         q, scales = quantize_weight(linear.weight)
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scales.to(torch.bfloat16))
-        self.weight = linear.weight  # the dense weight, for calls with many rows
+        # The dense weight, for calls with many rows: prepacked for oneDNN where it can be (see packed.py).
+        self.dense = PackedLinear(linear.weight) if packing_available(linear.weight.device) else linear
         self.max_int8_rows = max_int8_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] > self.max_int8_rows:
-            return F.linear(x, self.weight)
+            return self.dense(x)
         # The kernel is fast with bf16 activations only (fp32 ones take a slow generic path).
         out = torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.qweight, self.scales)
         return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
@@ -71,13 +74,14 @@ def int8_crossover(dim: int, hidden: int, dtype: torch.dtype, candidates=(1, 2, 
     w = torch.randn(hidden, dim) * 0.02
     q, s = quantize_weight(w)
     s = s.to(torch.bfloat16)
-    dense = w.to(dtype)
+    wd = w.to(dtype)
+    dense = PackedLinear(wd) if packing_available(w.device) else (lambda x: F.linear(x, wd))  # as serving runs it
     best = 0
     for m in candidates:
         x = torch.randn(m, dim, dtype=dtype)
         xb = x.to(torch.bfloat16)
         t_int8 = _best_time(lambda: torch._weight_int8pack_mm(xb, q, s))
-        t_dense = _best_time(lambda: F.linear(x, dense))
+        t_dense = _best_time(lambda: dense(x))
         if t_int8 < t_dense:
             best = m
         else:

@@ -50,17 +50,17 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T,) positions -> cos, sin of shape (T, head_dim), float32."""
+    """(T,) positions -> cos and sin, each (T, 1, head_dim) float32 (broadcast over heads). sin's first half is
+    negated: apply_rope's rotate-half is then one roll, with no negation per call."""
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
-    return emb.cos(), emb.sin()
+    sin = freqs.sin()
+    return torch.cat([freqs, freqs], dim=-1).cos()[:, None], torch.cat([-sin, sin], dim=-1)[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, H, D): rotate pairs (i, i + D/2), the rotate-half layout of HF Llama."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+    """x (T, H, D): rotate pairs (i, i + D/2), the rotate-half layout of HF Llama: x * cos + rotate_half(x) * sin,
+    where rotate_half(x) = (-x[D/2:], x[:D/2]) = roll(x, D/2) with the sign in rope_cos_sin's sin."""
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -78,16 +78,16 @@ class Attention(nn.Module):
         _fuse(self, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, attend) -> torch.Tensor:
-        T = x.shape[0]
+        T, H, Hkv, D = x.shape[0], self.n_head, self.n_kv_head, self.head_dim
         if hasattr(self, "qkv_proj"):
-            hq, hkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-            q, k, v = self.qkv_proj(x).split([hq, hkv, hkv], dim=-1)
+            # q and k sit side by side in each row of the fused output: rotate them as one (T, H + Hkv, D) tensor.
+            qkv = self.qkv_proj(x)
+            q, k = apply_rope(qkv[:, :(H + Hkv) * D].view(T, H + Hkv, D), cos, sin).split([H, Hkv], dim=1)
+            v = qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(T, self.n_head, self.head_dim)                  # (T, H, D)
-        k = k.view(T, self.n_kv_head, self.head_dim)               # (T, Hkv, D)
-        v = v.view(T, self.n_kv_head, self.head_dim)               # (T, Hkv, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = apply_rope(self.q_proj(x).view(T, H, D), cos, sin)     # (T, H, D)
+            k = apply_rope(self.k_proj(x).view(T, Hkv, D), cos, sin)   # (T, Hkv, D)
+            v = self.v_proj(x).view(T, Hkv, D)                         # (T, Hkv, D)
         out = attend(q, k, v, batch)                               # (T, H, D)
         return self.o_proj(out.reshape(T, self.n_head * self.head_dim))
 
@@ -169,8 +169,12 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp: MTPHeads | None = None
-        self.output_proj: nn.Module | None = None  # serving may replace the vocab projection (int8, see quant.py)
+        self.output_proj: nn.Module | None = None  # serving may replace the vocab projection (packed.py, quant.py)
         self.attention_backend = cfg.attention
+        # output_proj is derived from the output weight, which the state dict already holds: never saved; a packed
+        # one is refilled from that weight on load.
+        self.register_state_dict_post_hook(_drop_output_proj)
+        self._register_load_state_dict_pre_hook(self._fill_output_proj)
         self.reset_parameters()
         if cfg.mtp_heads:
             # Built and initialised after the trunk, so one seed gives the same trunk with or without heads
@@ -180,6 +184,13 @@ class Transformer(nn.Module):
             attends = cfg.mtp_head == "block"
             self.mtp = MTPHeads([Block(cfg, attends) for _ in range(cfg.mtp_heads)], first_cache_layer=cfg.n_layer)
             self._init(self.mtp.named_parameters(prefix="mtp"))
+
+    def _fill_output_proj(self, state_dict, prefix, *_) -> None:
+        from .packed import PackedLinear
+        if isinstance(self.output_proj, PackedLinear):
+            source = "embed_tokens.weight" if self.lm_head is None else "lm_head.weight"
+            if prefix + source in state_dict:
+                state_dict[prefix + "output_proj.weight"] = state_dict[prefix + source]
 
     def reset_parameters(self) -> None:
         self._init(self.named_parameters())
@@ -278,6 +289,11 @@ class Transformer(nn.Module):
         else:
             outs = torch.stack(self.mtp(states[:, 0], num_heads=num_heads), dim=1)
         return self.project(self.norm(outs))
+
+
+def _drop_output_proj(_module, state_dict, prefix, _meta) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "output_proj.")]:
+        del state_dict[key]
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: float) -> float:
