@@ -74,3 +74,13 @@ def test_a_packed_model_saves_and_loads_the_plain_state_dict():
     pack_linears_(other)
     other.load_state_dict(want)
     assert all(torch.equal(v, want[k]) for k, v in other.state_dict().items())
+
+
+def test_serving_packs_bf16_weights_and_leaves_fp32_ones_as_transformers_runs_them():
+    from varlen.precision import prepare_model
+    cfg = ModelConfig(vocab_size=100, dim=32, n_layer=1, n_head=2, n_kv_head=1, max_seq_len=32)
+    for dtype, packed in (("bfloat16", True), ("float32", False)):
+        model = Transformer(cfg).fuse_projections_()
+        choice = prepare_model(model, dtype)
+        assert any(isinstance(m, PackedLinear) for m in model.modules()) == packed, dtype
+        assert ("prepacked" in choice.reason) == packed

@@ -75,12 +75,17 @@ def test_cli_trains_samples_and_plots(tmp_path, capsys):
     run = tmp_path / "run"
     rc = cli_main(["train", "--corpus", str(corpus), "--out", str(run), "--no-progress", *TINY,
                    "--data.glob", "*.py", "--train.max_steps", "12", "--train.eval_every", "6",
-                   "--train.ckpt_every", "6"])
+                   "--train.ckpt_every", "6", "--train.tensorboard", "true"])
     assert rc == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
     for r in rows:
-        assert {"step", "loss", "lr", "tokens_per_s"} <= set(r)
+        assert {"step", "loss", "lr", "tokens_per_s", "mfu"} <= set(r)
+        assert 0 < r["mfu"] < 1.5  # of the measured matmul peak (a tiny model reaches a few percent)
+    # TensorBoard got what metrics.jsonl got, step by step.
+    for name in ("loss", "val_loss", "lr", "tokens_per_s", "mfu"):
+        want = {r["step"]: r[name] for r in rows if name in r}
+        assert board_scalars(run, f"train/{name}") == pytest.approx(want, rel=1e-6), name
     assert [r["step"] for r in rows if "val_loss" in r] == [6, 12]
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert (run / "loss.png").stat().st_size > 1000
@@ -109,6 +114,16 @@ def test_cli_trains_samples_and_plots(tmp_path, capsys):
     assert res.returncode == 0, res.stderr
 
 
+def board_scalars(run, tag) -> dict:
+    """{step: value} of one TensorBoard scalar in the run dir's event files; each step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars(tag)]
+    assert steps == sorted(set(steps)), f"{tag}: steps logged twice or out of order: {steps}"
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
 def _losses(run):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: (r["loss"], r.get("val_loss")) for r in rows}, [r["step"] for r in rows]
@@ -119,7 +134,7 @@ def test_sigkilled_run_resumes_bitwise(tmp_path, batching):
     corpus = python_corpus(tmp_path / "corpus")
     common = ["--corpus", str(corpus), "--data.glob", "*.py", "--no-progress", *TINY, "--data.batching", batching,
               "--train.max_steps", "60", "--train.ckpt_every", "5", "--train.eval_every", "10",
-              "--train.keep_last", "3"]
+              "--train.keep_last", "3", "--train.tensorboard", "true"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(varlen_cmd("train", "--out", str(killed), *common),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -150,3 +165,15 @@ def test_sigkilled_run_resumes_bitwise(tmp_path, batching):
     assert order == list(range(1, 61))  # lines logged after the checkpoint by the killed run were dropped
     for step in range(n + 1, 61):
         assert got[step] == want[step], step  # bitwise: floats compared exactly
+    # TensorBoard dropped what the killed run logged past its checkpoint, as metrics.jsonl did.
+    assert board_scalars(killed, "train/loss") == pytest.approx({s: loss for s, (loss, _) in got.items()}, rel=1e-6)
+
+
+def test_tensorboard_without_its_package_is_a_clear_config_error(monkeypatch):
+    import sys
+
+    from varlen.config import ConfigError
+    from varlen.train.loop import summary_writer_class
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'varlen\[tensorboard\]'"):
+        summary_writer_class()

@@ -100,6 +100,7 @@ class TrainConfig:
     init_from: str = ""          # start from these weights: a varlen run/checkpoint or a HF Llama directory
     max_time: float = 0          # stop after this many seconds of training steps (0 = no limit); equal-time runs
     mtp_weight: float = 0.3      # each MTP head's loss weight; below Gloeckle's 1 so k heads don't swamp next-token loss
+    tensorboard: bool = False    # also write TensorBoard event files into the run dir (pip install 'varlen[tensorboard]')
     freeze_trunk: bool = False   # train only the MTP heads (e.g. added to an imported model); the trunk stays as loaded
 
 

@@ -2,10 +2,12 @@
 
 F.linear hands the plain (out, in) weight to the BLAS on every call, which then streams it in a layout chosen
 for neither a one-row decode nor a prefill chunk. A decode step reads every weight once and is bound by that
-read, so a layout that streams well matters more than arithmetic: prepacked bf16 weights made the 121 matmuls
-of a 125M-parameter decode step 1.4x faster at one row and 1.6x at 16 rows on a 2-core EPYC (measured with
-torch 2.13, /tmp-free: benchmarks/serve_engines.py's model shape). This is what PyTorch's own compiler does
+read, so a layout that streams well matters more than arithmetic. On the 121 matmuls of a 125M-parameter decode
+step (a 2-core EPYC, torch 2.13, 2026-12-03) prepacked weights ran 1.4x faster than F.linear at 1 row and 1.7x
+at 16 rows in bf16, 1.7x and 2.0x in fp32. This is what PyTorch's own compiler does
 for CPU inference with frozen weights (inductor's mkldnn linear), without compiling anything.
+
+Serving packs bf16 weights only (see `packs` for why not fp32).
 
 The packed copy replaces the Linear (its plain weight is freed) and is an opaque oneDNN tensor: a packed model
 serves and saves (the state dict unpacks it), but does not train.
@@ -22,6 +24,14 @@ def packing_available(device: torch.device) -> bool:
     return (torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def packs(weight: torch.Tensor) -> bool:
+    """Whether serving packs this weight: bf16 on a CPU with oneDNN. fp32 stays with F.linear, the kernel
+    transformers runs, so that fp32 greedy output equals transformers' token for token: packed fp32 matmuls ran
+    1.7-2x faster but sum in another order, and on a 30-layer model whose top logits are near-ties that turned
+    9/9 equal greedy outputs into 7/9 (benchmarks/serve_engines.py, 2026-12-03)."""
+    return weight.dtype == torch.bfloat16 and packing_available(weight.device)
 
 
 class PackedLinear(nn.Module):
@@ -80,7 +90,7 @@ class PackedLinear(nn.Module):
 
 def pack_linears_(model: nn.Module) -> int:
     """Replace every bias-free Linear of the model (blocks and MTP heads) and its vocab projection by a
-    PackedLinear, in place. Returns how many were packed."""
+    PackedLinear, in place, whatever their dtype (serving calls it only where `packs`). Returns how many."""
     count = 0
     if getattr(model, "output_proj", None) is None and hasattr(model, "output_weight"):
         model.output_proj = PackedLinear(model.output_weight())  # a copy: a tied embedding still needs its own

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .packed import PackedLinear, packing_available
+from .packed import PackedLinear, packs
 
 
 def int8_kernel_available(device: torch.device) -> bool:
@@ -38,8 +38,8 @@ class Int8Linear(nn.Module):
         q, scales = quantize_weight(linear.weight)
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scales.to(torch.bfloat16))
-        # The dense weight, for calls with many rows: prepacked for oneDNN where it can be (see packed.py).
-        self.dense = PackedLinear(linear.weight) if packing_available(linear.weight.device) else linear
+        # The dense weight, for calls with many rows: prepacked for oneDNN where serving packs (see packed.py).
+        self.dense = PackedLinear(linear.weight) if packs(linear.weight) else linear
         self.max_int8_rows = max_int8_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,7 @@ def int8_crossover(dim: int, hidden: int, dtype: torch.dtype, candidates=(1, 2, 
     q, s = quantize_weight(w)
     s = s.to(torch.bfloat16)
     wd = w.to(dtype)
-    dense = PackedLinear(wd) if packing_available(w.device) else (lambda x: F.linear(x, wd))  # as serving runs it
+    dense = PackedLinear(wd) if packs(wd) else (lambda x: F.linear(x, wd))  # as serving runs it
     best = 0
     for m in candidates:
         x = torch.randn(m, dim, dtype=dtype)

@@ -33,7 +33,7 @@ from ..model.attention import choose_backend
 from ..model.mtp import freeze_trunk, head_loss_sums, head_target_counts, load_with_heads
 from ..model.transformer import Transformer
 from ..precision import PrecisionChoice, choose_dtype
-from . import calibrate, dist
+from . import calibrate, dist, mfu
 from .dist import DistEnv
 from .optim import make_optimizer
 from .schedule import lr_at
@@ -147,12 +147,15 @@ class Run:
     env: DistEnv
     assign: Callable            # lengths, ranks -> sequence indices per rank (used when ranks > 1)
     precision: PrecisionChoice    # bf16 autocast or float32 for the steps and evaluation
+    peak_flops: float             # measured matmul FLOP/s of the precision's dtype, over all ranks (for MFU)
     elapsed: float = 0.0          # seconds spent in training steps so far (not eval or saving), kept on resume
 
 
 def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print,
           env: DistEnv = DistEnv()) -> Run:
     run_dir = Path(run_dir)
+    if cfg.train.tensorboard:
+        summary_writer_class()  # before minutes of data preparation, not after
     device = pick_device(cfg.train.device, env.local_rank)
     dist.init(env, device)
     if not env.is_master:
@@ -231,6 +234,9 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / METRICS).unlink(missing_ok=True)
     precision = training_precision(cfg.train.dtype, device, env, resumed_dtype)
+    # Rank 0 measures for all (ranks share a machine's cores; probes at once would disturb each other).
+    peak = mfu.matmul_peak(precision.dtype, device.type, torch.get_num_threads()) if env.is_master else 0.0
+    peak_flops = dist.sum_across(env, peak) * env.world_size
     cost = calibrate.load(cfg.data.cost_model) if cfg.data.cost_model else CostModel.from_flops(cfg.model)
     assign = dist.assigner(cfg.data.balance, cost)
     step_model: torch.nn.Module = model
@@ -240,7 +246,7 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
         step_model = torch.compile(step_model, dynamic=True)
     if not env.is_master:
         return Run(cfg, run_dir, device, model, step_model, optimizer, loader, val, tokenizer, start_step, {},
-                   env, assign, precision, elapsed)
+                   env, assign, precision, peak_flops, elapsed)
     save_json(cfg, run_dir / "config.json")
     tokenizer.save_dir(run_dir, cfg.model.max_seq_len)
 
@@ -258,9 +264,10 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
         f"model {info['parameters'] / 1e6:.2f}M parameters, attention {info['attention']} on {device}"
         + (f"; {env.world_size} ranks, {cfg.data.balance} split" if env.enabled else ""))
     log(f"precision: {precision.reason}" + (" (bf16 autocast, float32 weights and optimizer state)"
-                                            if precision.dtype == torch.bfloat16 else ""))
+                                            if precision.dtype == torch.bfloat16 else "")
+        + f"; {precision.name} matmul peak {peak_flops / 1e9:,.0f} GFLOP/s (MFU is against it)")
     return Run(cfg, run_dir, device, model, step_model, optimizer, loader, val, tokenizer, start_step, info,
-               env, assign, precision, elapsed)
+               env, assign, precision, peak_flops, elapsed)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -277,9 +284,10 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def fit(run: Run, micros: list[MicroBatch], lr: float, amp, n_targets: int = 0) -> tuple[float, float]:
+def fit(run: Run, micros: list[MicroBatch], lr: float, amp, n_targets: int = 0) -> tuple[float, float, float, float]:
     """One optimizer step over this rank's micro-batches, whose loss is divided by `n_targets`, the step's
-    target count over all ranks. Returns (the step's loss, grad norm before clipping)."""
+    target count over all ranks. Returns (the objective, the next-token loss, grad norm before clipping, the
+    step's model FLOPs over all ranks)."""
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     n_targets = n_targets or sum(m.num_targets for m in micros)
@@ -288,6 +296,7 @@ def fit(run: Run, micros: list[MicroBatch], lr: float, amp, n_targets: int = 0) 
     if not micros:  # this rank got nothing this step but must join the all-reduce: a zero-weight token
         micros, weight = [dist.empty_micro()], 0.0
     loss_total = next_token_total = 0.0
+    flops = sum(mfu.step_flops(run.cfg.model, m.batch.seqlens) for m in micros) * weight
     for k, m in enumerate(micros):
         # Gradients are all-reduced once per step, on the last backward: DDP averages over ranks, so
         # each rank scales its part up by the rank count to make the result the sum.
@@ -303,11 +312,12 @@ def fit(run: Run, micros: list[MicroBatch], lr: float, amp, n_targets: int = 0) 
         next_token_total += next_token.item()
     loss_total = dist.sum_across(run.env, loss_total)
     next_token_total = dist.sum_across(run.env, next_token_total)
+    flops = dist.sum_across(run.env, flops)
     clip = run.cfg.train.grad_clip if run.cfg.train.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip).item()
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return loss_total, next_token_total, grad_norm
+    return loss_total, next_token_total, grad_norm, flops
 
 
 def main(run: Run, log: Callable[[str], None] = print, progress: bool = True) -> dict:
@@ -317,6 +327,8 @@ def main(run: Run, log: Callable[[str], None] = print, progress: bool = True) ->
     master = run.env.is_master
     bar = tqdm(total=t.max_steps, initial=run.start_step, disable=not (progress and master), unit="step",
                dynamic_ncols=True)
+    # On resume, purge_step drops what a killed run logged past its last checkpoint, as metrics.jsonl is cut.
+    board = tensorboard_writer(run.run_dir, run.start_step + 1) if master and t.tensorboard else None
     with open(run.run_dir / METRICS, "a") if master else open(os.devnull, "w") as metrics:
         for step in range(run.start_step + 1, t.max_steps + 1):
             t0 = time.perf_counter()
@@ -327,12 +339,13 @@ def main(run: Run, log: Callable[[str], None] = print, progress: bool = True) ->
             else:
                 micros = run.loader.next_step()
                 n_tokens = sum(m.num_targets for m in micros)
-            objective, loss, grad_norm = fit(run, micros, lr_at(step, t), amp, n_tokens)
+            objective, loss, grad_norm, flops = fit(run, micros, lr_at(step, t), amp, n_tokens)
             dt = dist.max_across(run.env, time.perf_counter() - t0)  # ranks must agree on max_time's stop
             run.elapsed += dt
             # `loss` is the next-token loss alone, comparable with val_loss and with runs without heads.
             last = {"step": step, "loss": loss, "lr": lr_at(step, t), "tokens_per_s": n_tokens / dt,
-                    "tokens": n_tokens, "grad_norm": grad_norm, "epoch": run.loader.epoch, "time": run.elapsed}
+                    "tokens": n_tokens, "grad_norm": grad_norm, "epoch": run.loader.epoch, "time": run.elapsed,
+                    "mfu": flops / dt / run.peak_flops}
             if t.mtp_weight and cfg.model.mtp_heads:
                 last["loss_with_heads"] = objective  # what the optimizer minimises: + mtp_weight x head losses
             if rank_tokens is not None:
@@ -345,6 +358,8 @@ def main(run: Run, log: Callable[[str], None] = print, progress: bool = True) ->
             if step % t.log_every == 0 or "val_loss" in last or done:
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
+                if board is not None:
+                    log_scalars(board, last)
             if master and ((t.ckpt_every and step % t.ckpt_every == 0) or done):
                 save(run, step)
             bar.update(1)
@@ -353,7 +368,34 @@ def main(run: Run, log: Callable[[str], None] = print, progress: bool = True) ->
             if done:
                 break
     bar.close()
+    if board is not None:
+        board.close()
     return last
+
+
+BOARD_SCALARS = ("loss", "val_loss", "lr", "tokens_per_s", "mfu", "grad_norm")
+
+
+def summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch raises this itself when the tensorboard package is missing
+        raise ConfigError("train.tensorboard needs the tensorboard package: pip install 'varlen[tensorboard]', "
+                          "or drop --train.tensorboard") from None
+    return SummaryWriter
+
+
+def tensorboard_writer(run_dir: Path, purge_step: int):
+    """Event files in the run dir itself, beside metrics.jsonl: `tensorboard --logdir runs` shows every run."""
+    return summary_writer_class()(str(run_dir), purge_step=purge_step)
+
+
+def log_scalars(board, metrics: dict) -> None:
+    """The BOARD_SCALARS of one metrics.jsonl line, as train/<name> at its step."""
+    for name in BOARD_SCALARS:
+        if name in metrics:
+            board.add_scalar(f"train/{name}", metrics[name], metrics["step"])
+    board.flush()
 
 
 def save(run: Run, step: int) -> Path:
