@@ -20,7 +20,7 @@ PEAK_SIZE = 2048  # large enough for the matrix units to run at full rate, small
 
 @functools.cache  # per process: the hardware and thread count do not change under a run
 def matmul_peak(dtype: torch.dtype, device_type: str = "cpu", threads: int = 0) -> float:
-    """FLOP/s of a PEAK_SIZE square matmul in `dtype`, best of 3 after a warm-up. `threads` is only part of
+    """FLOP/s of a PEAK_SIZE square matmul in `dtype`, best of 5 after a warm-up. `threads` is only part of
     the cache key (pass torch.get_num_threads()), so a changed thread count measures again."""
     device = torch.device(device_type)
     gen = torch.Generator().manual_seed(0)
@@ -29,7 +29,7 @@ def matmul_peak(dtype: torch.dtype, device_type: str = "cpu", threads: int = 0) 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     best = float("inf")
     with torch.inference_mode():
-        for rep in range(4):
+        for rep in range(6):
             sync()
             t0 = time.perf_counter()
             a @ b
