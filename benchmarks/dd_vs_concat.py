@@ -53,7 +53,7 @@ import numpy as np
 import psutil
 import torch
 
-from machine import machine_info
+from machine import machine_info, matrix_units
 from short_docs import build_short_docs
 from varlen.config import DataConfig, ModelConfig, TrainConfig
 from varlen.data.balance import CostModel
@@ -446,7 +446,8 @@ def main() -> None:
     info = machine_info(args.threads, packages=())
     print(f"command: {command}")
     print(f"date {info['date']} | CPU {info['cpu']} ({info['logical_cpus']} logical CPUs, {info['memory_gib']} GiB) | "
-          f"torch {info['torch']}, python {info['python']} | {args.threads} threads | "
+          f"matrix units: {matrix_units(info)} | torch {info['torch']}, python {info['python']} | "
+          f"{args.threads} threads | "
           f"load avg {os.getloadavg()[0]:.2f}")
     corpora = [c for c in load_corpora(args, cache) if c.name in args.corpora.split(",")]
     corpus_stats = {}

@@ -22,3 +22,9 @@ def machine_info(threads: int, packages: tuple[str, ...] = ("transformers",)) ->
     info.update({p: importlib.import_module(p).__version__ for p in packages})
     info["python"] = platform.python_version()
     return info
+
+
+def matrix_units(info: dict) -> str:
+    """The CPU's bf16/int8 matrix-unit flags from machine_info, for a benchmark's header: they decide what
+    bf16 and int8 can gain on it."""
+    return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in info["cpu_flags"].items())

@@ -68,7 +68,7 @@ from pathlib import Path
 
 import numpy as np
 
-from machine import machine_info
+from machine import machine_info, matrix_units
 from varlen.config import load_config
 from varlen.data.corpus import Corpus
 from varlen.data.loader import DDLoader, make_loader
@@ -254,8 +254,8 @@ def main() -> None:
     args = parse_args()
     t_start = time.perf_counter()
     info = machine_info(args.threads, packages=())
-    print(f"{info['date']}  {info['cpu']}  {info['logical_cpus']} logical CPUs, threads {args.threads}, "
-          f"torch {info['torch']}", flush=True)
+    print(f"{info['date']}  {info['cpu']} (matrix units: {matrix_units(info)})  {info['logical_cpus']} logical CPUs, "
+          f"threads {args.threads}, torch {info['torch']}", flush=True)
     extra = user_sets(args)
     shared = {"model.max_seq_len": args.max_seq_len, "data.tokens_per_step": args.tokens_per_step,
               "train.threads": args.threads, "train.eval_tokens": args.eval_tokens, "train.log_every": 1,

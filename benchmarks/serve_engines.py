@@ -936,7 +936,7 @@ def main() -> None:
     info["cpu"] = cpu_model()
     anchors = Anchors.find()
     print(f"date {info['date']} | CPU {info['cpu']} ({info['logical_cpus']} logical CPUs, {info['memory_gib']} GiB) "
-          f"| matrix units: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in info["cpu_flags"].items()))
+          f"| matrix units: {matrix_units(info)}")
     print(f"torch {info['torch']} ({args.threads} threads for every engine), transformers {info['transformers']}, "
           f"python {info['python']}, load avg {os.getloadavg()[0]:.2f}")
     print("versions: " + "; ".join(f"{k} {v}" for k, v in anchors.versions.items()))

@@ -49,7 +49,7 @@ import numpy as np
 import psutil
 import torch
 
-from machine import machine_info
+from machine import machine_info, matrix_units
 from varlen.config import Config, ModelConfig, ServeConfig
 
 METHODS = ("varlen", "hf_padded", "hf_cb", "varlen_conc", "http")
@@ -852,6 +852,7 @@ def main() -> None:
     plen = np.array([len(p) for p in work.prompts])
     mt = np.array(work.max_tokens)
     print(f"date {info['date']} | CPU {info['cpu']} ({info['logical_cpus']} logical CPUs, {info['memory_gib']} GiB) | "
+          f"matrix units: {matrix_units(info)} | "
           f"torch {info['torch']}, transformers {info['transformers']}, openai {info['openai']}, psutil "
           f"{info['psutil']}, python {info['python']} | {args.threads} torch threads | load avg "
           f"{os.getloadavg()[0]:.2f}")

@@ -59,7 +59,7 @@ import psutil
 import torch
 
 from varlen.batch import Batch
-from machine import machine_info
+from machine import machine_info, matrix_units
 from short_docs import build_short_docs
 from varlen.config import DataConfig, ModelConfig, TrainConfig
 from varlen.data.corpus import Corpus
@@ -468,11 +468,6 @@ def matmul_peaks(dtypes: list[str], threads: int) -> dict[str, float]:
 
 def gflops(peaks: dict[str, float]) -> str:
     return ", ".join(f"{d} {p / 1e9:.1f}" for d, p in peaks.items()) + " GFLOP/s"
-
-
-def matrix_units(info: dict) -> str:
-    """The CPU's bf16/int8 matrix-unit flags, which decide what bf16 can gain on it."""
-    return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in info["cpu_flags"].items())
 
 
 # ------------------------------------------------------------------------------------------------ report
