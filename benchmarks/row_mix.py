@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from machine import machine_info, matrix_units
 from varlen.batch import Batch
 from varlen.config import ModelConfig
 from varlen.model.transformer import Transformer
@@ -44,6 +45,8 @@ def main() -> None:
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=cfg.ffn_dim,
                                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                                       tie_word_embeddings=True, attn_implementation="sdpa", use_cache=False))
+    info = machine_info(args.threads)
+    print(f"date {info['date']} | CPU {info['cpu']} | matrix units: {matrix_units(info)} | torch {info['torch']}")
     print(f"model: dim 256, 4 layers, 4/2 heads, fp32, forward + backward, {args.threads} threads, "
           f"mean of {args.repeats} after one warm-up")
     print(f"{'documents in the row':28} {'tokens':>7} {'varlen tok/s':>12} {'HF tok/s':>9} {'varlen x':>8}")

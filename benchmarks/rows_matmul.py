@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from machine import machine_info
+from machine import machine_info, matrix_units
 
 SHAPES = {  # name: (in, out)
     "tiny qkv/o 192x192": (192, 192),
@@ -62,6 +62,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     info = machine_info(torch.get_num_threads(), packages=())
     print(json.dumps(info))
+    print(f"CPU {info['cpu']} | matrix units: {matrix_units(info)}")
     print(f"{'weights':24s} " + " ".join(f"{r:>6d} rows" for r in ROWS) + "   (time / time of 1 row; 1 row in us)")
     results = []
     for name, (k, n) in SHAPES.items():
