@@ -67,6 +67,7 @@ from varlen.data.loader import make_micro
 from varlen.data.pack import Piece, best_fit_decreasing, cut_pieces, materialize, pack_epoch
 from varlen.data.tokens import TokenStore, default_cache_dir, prepare
 from varlen.model.transformer import Transformer, flops_per_token
+from varlen.train.mfu import step_flops
 from varlen.train.loop import autocast_for, loss_sum
 from varlen.train.mfu import matmul_peak
 from varlen.train.optim import make_optimizer
@@ -220,7 +221,7 @@ def build_workload(store: TokenStore, cfg: ModelConfig, args: argparse.Namespace
 
 def useful_flops(cfg: ModelConfig, lengths: list[int]) -> float:
     """Forward+backward FLOPs of the real tokens: each piece causal over its own length only."""
-    return sum(n * flops_per_token(cfg, n) for n in lengths)
+    return step_flops(cfg, lengths)
 
 
 def computed_tokens(method: str, step: Step) -> int:

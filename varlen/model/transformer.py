@@ -16,6 +16,7 @@ from ..config import MTP_HEAD_KINDS, ModelConfig
 from .attention import choose_backend, get_attention
 from .attention.paged import attention as paged_attention
 from .mtp import MTPHeads
+from .packed import PackedLinear
 
 
 class RMSNorm(nn.Module):
@@ -186,7 +187,6 @@ class Transformer(nn.Module):
             self._init(self.mtp.named_parameters(prefix="mtp"))
 
     def _fill_output_proj(self, state_dict, prefix, *_) -> None:
-        from .packed import PackedLinear
         if isinstance(self.output_proj, PackedLinear):
             source = "embed_tokens.weight" if self.lm_head is None else "lm_head.weight"
             if prefix + source in state_dict:

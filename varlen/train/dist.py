@@ -58,11 +58,16 @@ def barrier(env: DistEnv) -> None:
 
 
 def sum_across(env: DistEnv, value: float) -> float:
+    return sums_across(env, [value])[0]
+
+
+def sums_across(env: DistEnv, values: list[float]) -> list[float]:
+    """Each value summed over the ranks, all in one all-reduce."""
     if not env.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
-    return float(t.item())
+    return t.tolist()
 
 
 def max_across(env: DistEnv, value: float) -> float:
