@@ -12,7 +12,8 @@ context. `--tiny` builds a small shape for a quick smoke run.
 Engines and precisions (each in a fresh server process bound to 127.0.0.1, started, warmed up, timed, stopped):
 
   varlen    `python -m varlen serve HF_DIR`: fp32 (`--dtype float32` when the CLI has --dtype), auto
-            (`--dtype auto`, only when supported) and int8 (`--quantization int8`, only when supported)
+            (`--dtype auto`, only when supported), int8 (`--quantization int8`, only when supported) and
+            auto compiled (`--dtype auto --compile`, only when supported)
   vllm      vLLM's CPU build (`python -m vllm.entrypoints.openai.api_server`): --dtype bfloat16, float32
   llamacpp  llama-server on GGUF files: F32, BF16, Q8_0 (KV cache in f32 / bf16 / llama.cpp's default f16)
 
@@ -67,7 +68,7 @@ import numpy as np
 import psutil
 import torch
 
-from machine import cpu_model, machine_info
+from machine import cpu_model, machine_info, matrix_units
 from serve_throughput import Clock, free_port, pct, wait_for_idle
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,6 +80,7 @@ VARIANTS = {
     "varlen:fp32": ("varlen", "varlen fp32", {"dtype": "float32"}),
     "varlen:auto": ("varlen", "varlen --dtype auto", {"dtype": "auto"}),
     "varlen:int8": ("varlen", "varlen --quantization int8", {"quantization": "int8"}),
+    "varlen:auto+compile": ("varlen", "varlen --dtype auto --compile", {"dtype": "auto", "compile": True}),
     "vllm:bf16": ("vllm", "vLLM-CPU bf16", {"dtype": "bfloat16"}),
     "vllm:fp32": ("vllm", "vLLM-CPU fp32", {"dtype": "float32"}),
     "llamacpp:F32": ("llamacpp", "llama-server F32", {"gguf": "F32", "kv": "f32"}),
@@ -191,7 +193,8 @@ class Anchors:
             q = str(Path(a.llama_server).parent / "llama-quantize")
         a.llama_quantize = q or shutil.which("llama-quantize")
         help_text = run_text([sys.executable, "-m", "varlen", "serve", "--help"])
-        a.varlen_flags = {"dtype": "--dtype" in help_text, "quantization": "--quantization" in help_text}
+        a.varlen_flags = {"dtype": "--dtype" in help_text, "quantization": "--quantization" in help_text,
+                          "compile": "--compile" in help_text}
         a.versions["varlen"] = varlen_version()
         if a.vllm_python:
             a.versions["vllm"] = run_text([a.vllm_python, "-c", "import vllm, torch; print(f'vllm {vllm.__version__}"
@@ -518,6 +521,10 @@ def engine_command(name: str, args, anchors: Anchors, hf_dir: Path, ggufs: dict,
             if not anchors.varlen_flags["quantization"]:
                 return f"this varlen has no `serve --quantization` (yet): {name} skipped"
             cmd += ["--quantization", setting["quantization"]]
+        if setting.get("compile"):
+            if not anchors.varlen_flags["compile"]:
+                return f"this varlen has no `serve --compile` (yet): {name} skipped"
+            cmd.append("--compile")
         cmd += shlex.split(args.varlen_extra)
         return cmd, env, {"torch_threads": args.threads}
     if engine == "vllm":
@@ -940,8 +947,7 @@ def main() -> None:
     print(f"torch {info['torch']} ({args.threads} threads for every engine), transformers {info['transformers']}, "
           f"python {info['python']}, load avg {os.getloadavg()[0]:.2f}")
     print("versions: " + "; ".join(f"{k} {v}" for k, v in anchors.versions.items()))
-    print(f"varlen serve flags: --dtype {'yes' if anchors.varlen_flags['dtype'] else 'no'}, --quantization "
-          f"{'yes' if anchors.varlen_flags['quantization'] else 'no'}")
+    print("varlen serve flags: " + ", ".join(f"--{k} {'yes' if v else 'no'}" for k, v in anchors.varlen_flags.items()))
     print(f"anchors: VLLM_PYTHON={anchors.vllm_python} LLAMA_SERVER={anchors.llama_server} "
           f"LLAMA_CONVERT={anchors.llama_convert} LLAMA_PYTHON={anchors.llama_python} "
           f"LLAMA_QUANTIZE={anchors.llama_quantize}")

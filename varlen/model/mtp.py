@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..batch import Batch, PagedBatch
+from ..batch import Batch
 
 # F.cross_entropy's default ignore_index; the same value as data.loader.IGNORE (model may not import data).
 IGNORE = -100
@@ -76,8 +76,8 @@ class MTPHeads(nn.Module):
                 batch: Batch | None = None, attend=None, num_heads: int | None = None) -> list[torch.Tensor]:
         """x (T, dim): the trunk's last hidden states before the final norm -> one (T, dim) per head (the first
         num_heads, default all), also before the final norm. A PagedBatch reads and writes each attending
-        head's own cache layer."""
-        paged = self.attends and isinstance(batch, PagedBatch)
+        head's own cache layer (as does a batch with per-layer views: serving's compiled step)."""
+        paged = self.attends and hasattr(batch, "layer_view")
         blocks = self.blocks[:num_heads]
         return [block(x, cos, sin, batch.layer_view(self.first_cache_layer + i) if paged else batch, attend)
                 for i, block in enumerate(blocks)]

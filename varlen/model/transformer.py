@@ -229,12 +229,16 @@ class Transformer(nn.Module):
     def trunk(self, ids: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, tuple]:
         """ids (T,) -> last layer's hidden states (T, dim) before the final norm, and the (cos, sin, attend)
         the MTP heads reuse. A PagedBatch reads and writes its KV cache (layers 0..n_layer-1)."""
-        paged = isinstance(batch, PagedBatch)
-        attend = paged_attention if paged else get_attention(choose_backend(self.attention_backend, ids.device))
+        # A batch may bring its own attention and per-layer views (serve/compiled.py's, inside a compiled graph).
+        attend = getattr(batch, "attend", None)
+        if attend is None:
+            paged = isinstance(batch, PagedBatch)
+            attend = paged_attention if paged else get_attention(choose_backend(self.attention_backend, ids.device))
+        per_layer = hasattr(batch, "layer_view")
         cos, sin = rope_cos_sin(batch.positions, rope_inv_freq(self.cfg, ids.device))
         x = self.embed_tokens(ids)  # (T, dim)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, batch.layer_view(i) if paged else batch, attend)
+            x = layer(x, cos, sin, batch.layer_view(i) if per_layer else batch, attend)
         return x, (cos, sin, attend)
 
     def hidden_states(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:

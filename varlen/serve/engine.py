@@ -7,6 +7,8 @@ tokens per request (serve/speculate.py); its outputs are what ordinary decoding 
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,12 +21,15 @@ from ..config import ModelConfig, ServeConfig
 from ..data.tokenizer import TextTokenizer
 from ..model.transformer import Transformer
 from ..precision import prepare_model
+from . import compiled
 from .block_manager import BlockManager
-from .request import Request, RequestError, SamplingParams, Status
+from .request import Request, RequestError, SamplingParams
 from .runner import ModelRunner, SeqLogits, num_blocks_for
 from .sampler import SamplingFailed, logprob_entry, process, sample
 from .scheduler import Scheduler
 from .speculate import SpecStats, accept, draft, num_drafts_per_step
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,11 +61,15 @@ class Engine:
         # The engine owns the model from here: cast in place (a copy would double the weights' memory), so
         # the KV cache below, sized and typed from the parameters, follows. Logits stay float32 (runner.run).
         model.fuse_projections_()  # one matmul for q/k/v and one for gate/up: fewer calls per step
-        self.precision = prepare_model(model, cfg.dtype, cfg.quantization)
+        self.num_speculative = num_drafts_per_step(cfg, model.cfg.mtp_heads)  # 0 = ordinary decoding
+        no_compile = compiled.why_not(cfg, self.num_speculative) if cfg.compile else "not asked for"
+        if cfg.compile and no_compile:
+            log.warning("--compile ignored: %s; serving eagerly", no_compile)
+        # A compiled forward gets plain weights: inductor freezes and prepacks them itself.
+        self.precision = prepare_model(model, cfg.dtype, cfg.quantization, pack=bool(no_compile))
         self.model, self.tokenizer = model.eval(), tokenizer
         mcfg: ModelConfig = model.cfg
         self.max_model_len = cfg.max_model_len or mcfg.max_seq_len
-        self.num_speculative = num_drafts_per_step(cfg, mcfg.mtp_heads)  # 0 = ordinary decoding
         dtype = next(model.parameters()).dtype
         per_seq = -(-self.max_model_len // cfg.block_size)
         # More blocks than every running sequence at full length could use only feeds the prefix cache.
@@ -73,12 +82,34 @@ class Engine:
                                f"raise kv_cache_gib or lower max_model_len")
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, cfg.block_size, heads=self.num_speculative)
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size, heads=self.num_speculative,
+                                  step_fn=None if no_compile else compiled.compile_step(model))
         self.spec_stats = SpecStats(self.num_speculative)
         self.requests: dict[str, Request] = {}
         self._emitted: dict[str, int] = {}
         self._ids = itertools.count()
         self._guides = None  # structured.GuideFactory, built at the first request with a grammar (~1 s)
+        if self.runner.step_fn is not None:
+            self._compile_now()
+
+    def _compile_now(self) -> None:
+        """Compile every graph serving needs before the first request rather than during it: one token, one
+        sequence of several tokens, several sequences (compiled.compile_step). If the compiler fails, serve
+        eagerly with prepacked weights instead."""
+        log.info("compiling the forward with torch.compile (1-2 minutes on a small CPU)")
+        t0 = time.perf_counter()
+        params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        try:
+            self.generate([[1] * 5], params)                      # 5 tokens in one sequence, then 1
+            self.generate([[2] * 6, [3] * 7], params)              # several sequences
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path still serves
+            log.warning("torch.compile failed (%s: %s); serving eagerly", type(e).__name__, str(e)[:300])
+            self.runner.step_fn = None
+            self.precision = prepare_model(self.model, self.cfg.dtype, self.cfg.quantization)
+            for req_id in list(self.requests):
+                self.abort(req_id)
+            return
+        log.info("compiled in %.0f s", time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ requests
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:

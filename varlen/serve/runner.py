@@ -9,6 +9,7 @@ import torch
 from ..batch import PagedBatch
 from ..config import ModelConfig
 from ..model.transformer import Transformer
+from .compiled import StepRef
 from .request import Request
 
 
@@ -41,8 +42,9 @@ class ModelRunner:
     heads > 0 drafts with the model's first `heads` MTP heads; attending heads run in every forward (they need
     their own K/V at every position, so prefill chunks run them too) and keep cache layers after the trunk's."""
 
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, heads: int = 0):
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, heads: int = 0, step_fn=None):
         self.model, self.block_size, self.heads = model, block_size, heads
+        self.step_fn = step_fn  # compiled.compile_step(model), or None to run the model eagerly
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         cfg = model.cfg
@@ -107,7 +109,10 @@ class ModelRunner:
         ends = np.cumsum([n for _, n in scheduled])
         rows = np.repeat(ends - np.cumsum(counts), counts) + np.arange(int(counts.sum()))
         rows_t = torch.from_numpy(rows).to(self.device)
-        if self.heads:
+        if self.step_fn is not None:
+            out = self.step_fn(ids, batch.positions, rows_t, StepRef(batch), self.heads)
+            base, states = out if self.heads else (out, None)
+        elif self.heads:
             base, states = self.model.logits_and_draft_states(ids, batch, rows_t, self.heads)
         else:
             base, states = self.model(ids, batch, rows=rows_t), None

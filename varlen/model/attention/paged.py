@@ -82,8 +82,11 @@ def _plan(batch: PagedBatch, device: torch.device, per_kv: int) -> dict:
                 q_pos = torch.arange(ctx - n, ctx, device=device)
                 mask = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]  # (n, ctx)
             prefill.append((q_starts[i], n, slots, mask))
-    plan = {"decode": [_decode_group(batch, g, q_starts, k_starts, device, per_kv) for g in groups],
-            "prefill": prefill}
+    decode = [_decode_group(batch, g, q_starts, k_starts, device, per_kv) for g in groups]
+    if len(groups) == 1 and not prefill and groups[0] == sorted(groups[0]):
+        # One group holding every query in stream order (always so at batch 1): no gather or scatter of rows.
+        decode = [(None, *decode[0][1:])]
+    plan = {"decode": decode, "prefill": prefill}
     batch._plan["paged_plan"] = plan
     return plan
 
@@ -118,7 +121,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBat
     gqa = q.shape[1] != hkv
     plan = _plan(batch, q.device, q.shape[1] // hkv)
     scratch = batch._plan.get("paged_scratch")  # gather buffers reused across layers and steps (the runner's)
-    if len(plan["prefill"]) == 1 and not plan["decode"]:
+    if len(plan["prefill"]) == 1 and not plan["decode"] or plan["decode"] and plan["decode"][0][0] is None:
         out = None  # filled below as a whole
     else:
         out = torch.empty_like(q)
@@ -129,12 +132,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBat
         B = slots.shape[0]
         # The H / Hkv query heads sharing a kv head (of each of the n new tokens) become that head's query
         # rows, (B, Hkv, n * H / Hkv, D), so each key and value is read once per kv head, not per query head.
-        qg = q[rows].view(B, n, hkv, -1, d)
+        qg = (q if rows is None else q[rows]).view(B, n, hkv, -1, d)
         qg = qg.view(B, hkv, -1, d) if n == 1 else qg.transpose(1, 2).reshape(B, hkv, -1, d)
         o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
         if n > 1:
             o = o.view(B, hkv, n, -1, d).transpose(1, 2)               # (B, n, Hkv, H / Hkv, D)
-        out[rows] = o.reshape(B * n, -1, d)                            # (B * n, H, D)
+        if rows is None:
+            return o.reshape(B * n, -1, d)                             # (B * n, H, D)
+        out[rows] = o.reshape(B * n, -1, d)
     for start, n, slots, mask in plan["prefill"]:
         qi = q[start:start + n].transpose(0, 1)[None]                  # (1, H, n, D)
         ki = _gather(batch.k_cache, slots, q.dtype, scratch, "k").transpose(0, 1)[None]  # (1, Hkv, ctx, D)
