@@ -128,3 +128,14 @@ def test_nproc_above_cores_needs_force(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert "--nproc" in res.stderr and "--force" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_collectives_use_the_backends_device(monkeypatch):
+    # NCCL reduces only CUDA tensors; no GPU here, so the choice alone is checked (gloo runs above for real).
+    import torch
+    from varlen.train import dist as vdist
+    monkeypatch.setattr(vdist.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert vdist.collective_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(vdist.dist, "get_backend", lambda: "gloo")
+    assert vdist.collective_device() == torch.device("cpu")

@@ -43,8 +43,18 @@ def env_from_torchrun() -> DistEnv:
 
 
 def init(env: DistEnv, device: torch.device) -> None:
+    if device.type == "cuda":
+        # Before NCCL starts: each rank's collectives and default CUDA tensors live on its own GPU, not on GPU 0.
+        torch.cuda.set_device(device)
     if env.enabled and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def collective_device() -> torch.device:
+    """Where a collective's tensors must live: NCCL reduces only CUDA tensors (the current GPU), gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def shutdown(env: DistEnv) -> None:
@@ -65,7 +75,7 @@ def sums_across(env: DistEnv, values: list[float]) -> list[float]:
     """Each value summed over the ranks, all in one all-reduce."""
     if not env.enabled:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return t.tolist()
 
@@ -73,7 +83,7 @@ def sums_across(env: DistEnv, values: list[float]) -> list[float]:
 def max_across(env: DistEnv, value: float) -> float:
     if not env.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
 
