@@ -97,29 +97,34 @@ def test_two_ranks_equal_one_process(corpus, two_rank_run, batching, split, toke
 
 def test_killed_torchrun_job_resumes_exactly(corpus, two_rank_run):
     full, _ = two_rank_run
-    killed = corpus.parent / "killed"
-    proc = subprocess.Popen(varlen_cmd("train", "--nproc", "2", "--out", str(killed), *_opts(corpus)),
+    kill_and_resume(corpus.parent / "killed", _opts(corpus), full, STEPS)
+
+
+def kill_and_resume(killed, opts: list[str], full, steps: int) -> None:
+    """Start a 2-rank job, SIGKILL it after its first checkpoint (the launcher and both ranks at once, as a
+    cluster scheduler would), resume it, and check it ends bitwise equal to the uninterrupted run `full`."""
+    proc = subprocess.Popen(varlen_cmd("train", "--nproc", "2", "--out", str(killed), *opts),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step_0000003").exists():
         assert proc.poll() is None and time.time() < deadline, "job ended before its first checkpoint"
         time.sleep(0.002)
-    for pid in _tree(proc.pid):  # the launcher and both ranks at once, as a cluster scheduler would
+    for pid in _tree(proc.pid):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     proc.wait()
     n = max(int(p.name[5:]) for p in (killed / "checkpoints").glob("step_*"))
-    assert n < STEPS, "the job finished before the kill; the test proved nothing"
+    assert n < steps, "the job finished before the kill; the test proved nothing"
 
     res = _train("--nproc", "2", "--resume", str(killed), "--no-progress")
     assert f"from step_{n:07d}" in res.stderr
     want, got = _metrics(full), _metrics(killed)
     assert sorted(got) == sorted(want)
-    for step in range(n + 1, STEPS + 1):
+    for step in range(n + 1, steps + 1):
         assert got[step]["loss"] == want[step]["loss"], step  # bitwise
-    a, b = _weights(full), _weights(killed)
+    a, b = _weights(full, steps), _weights(killed, steps)
     assert all(bool((a[k] == b[k]).all()) for k in a)
 
 

@@ -63,6 +63,8 @@ class DataConfig:
     skip_bad: bool = False       # skip (and count) JSONL lines that are not JSON or lack the field
     tokens_per_step: int = 4096  # input tokens per optimizer step (split over grad_accum micro-steps)
     row_tokens: int = 4096       # longest packed row (never below max_seq_len); bigger steps accumulate (0 = no cap)
+    rank_tokens: int = 0         # tokens one rank holds of a row (its memory); below max_seq_len, longer documents
+                                 # train whole across a sequence-parallel group (dist.sp); 0 = no such cap
     batching: str = "pack"       # pack | dd (Dataset Decomposition) | concat_chunk (baseline) | pad
     dd_lo: int = 5               # dd: smallest bucket 2^lo tokens; shorter leftovers dropped (or kept)
     dd_hi: int = 0               # dd: largest bucket 2^hi; 0 = the largest power of two <= max_seq_len
@@ -133,10 +135,19 @@ class ServeConfig:
 
 
 @dataclass
+class DistConfig:
+    sp: str = "auto"             # sequence parallelism over ranks: auto (planned per step) | off | N (every row split N ways)
+
+
+SP_MODES = ("auto", "off")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -148,7 +159,7 @@ class Config:
         return cfg
 
 
-SECTIONS = ("model", "data", "train")
+SECTIONS = ("model", "data", "train", "dist")
 
 
 def _coerce(value: Any, typ: type, name: str) -> Any:
@@ -186,7 +197,8 @@ def set_option(cfg: Config, key: str, value: Any) -> None:
     """Set `section.field` from a string or YAML value."""
     section, _, name = key.partition(".")
     if section not in SECTIONS or not name:
-        raise ConfigError(f"unknown option --{key}: options look like --model.dim, --data.corpus, --train.lr")
+        raise ConfigError(f"unknown option --{key}: options look like --model.dim, --data.corpus, --train.lr, "
+                          f"--dist.sp")
     sub = getattr(cfg, section)
     types = _field_types(sub)
     if name not in types:
@@ -197,7 +209,7 @@ def set_option(cfg: Config, key: str, value: Any) -> None:
 
 def apply_dict(cfg: Config, d: dict, source: str) -> None:
     if not isinstance(d, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections (model, data, train)")
+        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)})")
     for section, values in d.items():
         if section not in SECTIONS:
             raise ConfigError(f"{source}: unknown config section {section!r}; use one of {', '.join(SECTIONS)}")
@@ -299,6 +311,12 @@ def validate(cfg: Config) -> None:
         (lambda: t.max_time >= 0, f"train.max_time is {t.max_time}; use 0 (no limit) or seconds"),
         (lambda: d.dd_cycles >= 1, f"data.dd_cycles is {d.dd_cycles}; it must be at least 1"),
         (lambda: d.row_tokens >= 0, f"data.row_tokens is {d.row_tokens}; use 0 (no cap) or a positive count"),
+        (lambda: d.rank_tokens >= 0, f"data.rank_tokens is {d.rank_tokens}; use 0 (no cap) or a positive count"),
+        (lambda: cfg.dist.sp in SP_MODES or cfg.dist.sp.isdigit() and int(cfg.dist.sp) >= 1,
+         f"dist.sp is {cfg.dist.sp!r}; use auto, off or a sequence-parallel degree such as 2"),
+        (lambda: cfg.dist.sp != "off" or not 0 < d.rank_tokens < m.max_seq_len,
+         f"data.rank_tokens ({d.rank_tokens}) is below model.max_seq_len ({m.max_seq_len}) with dist.sp off: "
+         f"documents that long would not fit one rank; pass --dist.sp auto, or raise data.rank_tokens"),
         (lambda: 0 <= d.val_fraction < 1, f"data.val_fraction is {d.val_fraction}; use a value in [0, 1)"),
         (lambda: m.mtp_heads >= 0, f"model.mtp_heads is {m.mtp_heads}; use 0 (off) or a positive head count"),
         (lambda: m.mtp_head in MTP_HEAD_KINDS,

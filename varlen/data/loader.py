@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ class MicroBatch:
     ids: torch.Tensor       # (T,) int64
     targets: torch.Tensor   # (T,) int64, same document as the input at every position
     batch: Batch
+    group: Any = None       # a sequence-parallel process group whose ranks train this row together (None: alone)
 
     @property
     def num_targets(self) -> int:
@@ -29,7 +31,7 @@ class MicroBatch:
         return int((self.targets != IGNORE).sum())
 
     def to(self, device: torch.device | str) -> "MicroBatch":
-        return MicroBatch(self.ids.to(device), self.targets.to(device), self.batch.to(device))
+        return MicroBatch(self.ids.to(device), self.targets.to(device), self.batch.to(device), self.group)
 
 
 def step_layout(tokens_per_step: int, max_seq_len: int, grad_accum: int = 1, row_tokens: int = 0) -> tuple[int, int]:
@@ -108,9 +110,10 @@ class StepLoader:
         """Tokens of one sequence of a step; each has as many targets."""
         return seq.length
 
-    def rows_of(self, seqs: list) -> list:
-        """Micro-batch specs holding `seqs` (one rank's share of a step), rows of at most `capacity`."""
-        bins = best_fit_decreasing([self.seq_length(q) for q in seqs], self.capacity)
+    def rows_of(self, seqs: list, capacity: int = 0) -> list:
+        """Micro-batch specs holding `seqs` (one rank's share of a step, or a sequence-parallel group's), rows
+        of at most `capacity` tokens (default the loader's)."""
+        bins = best_fit_decreasing([self.seq_length(q) for q in seqs], capacity or self.capacity)
         return [[seqs[k] for k in sorted(b)] for b in bins]
 
     def state_dict(self) -> dict:

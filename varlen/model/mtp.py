@@ -45,10 +45,13 @@ def head_targets(targets: torch.Tensor, cu_seqlens: torch.Tensor, j: int) -> tor
 
 
 def head_loss_sums(head_logits: list[torch.Tensor], targets: torch.Tensor, cu_seqlens: torch.Tensor,
-                   ) -> list[torch.Tensor]:
-    """Summed cross-entropy of each head; head_logits[i] (T, vocab) belongs to head j = i + 1."""
+                   local=None) -> list[torch.Tensor]:
+    """Summed cross-entropy of each head; head_logits[i] (T, vocab) belongs to head j = i + 1. With
+    sequence parallelism the logits cover this rank's slice of the row: `local` cuts the row's head targets
+    (a target may sit in another rank's slice, so they are made from the whole row first) to that slice."""
+    local = local or (lambda x: x)
     # reduction="sum": a row where every target is IGNORE gives 0 (a mean would give NaN).
-    return [F.cross_entropy(logits.float(), head_targets(targets, cu_seqlens, j), reduction="sum")
+    return [F.cross_entropy(logits.float(), local(head_targets(targets, cu_seqlens, j)), reduction="sum")
             for j, logits in enumerate(head_logits, start=1)]
 
 

@@ -29,12 +29,13 @@ from ..data.balance import CostModel
 from ..data.loader import MicroBatch, StepLoader, make_loader, step_layout, validation_micros
 from ..data.tokenizer import TextTokenizer
 from ..data.tokens import TokenStore, prepare, split_documents
-from ..model.attention import choose_backend
+from ..model.attention import choose_backend, get_attention
 from ..model.mtp import freeze_trunk, head_loss_sums, head_target_counts, load_with_heads
 from ..model.transformer import Transformer
 from ..precision import PrecisionChoice, choose_dtype
 from . import calibrate, dist, mfu
 from .dist import DistEnv
+from .sequence_parallel import SPBatch
 from .optim import make_optimizer
 from .schedule import lr_at
 
@@ -78,26 +79,45 @@ def loss_sum(model: torch.nn.Module, micro: MicroBatch, amp, mtp_weight: float =
 
 
 def objective_and_next_token_loss(model: torch.nn.Module, micro: MicroBatch, amp, mtp_weight: float,
-                                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss_sum's value, its next-token part): the same tensor twice without MTP heads."""
+                                  attention: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_sum's value, its next-token part): the same tensor twice without MTP heads. A row with a
+    sequence-parallel group gives this rank's part: the targets of its slice of the row."""
     if not mtp_weight:
+        ids, batch, local = model_inputs(micro, attention)
         with amp:
-            logits = model(micro.ids, micro.batch)
-        loss = F.cross_entropy(logits.float(), micro.targets, reduction="sum")
+            logits = model(ids, batch)
+        loss = F.cross_entropy(logits.float(), local(micro.targets), reduction="sum")
         return loss, loss
-    base, heads = loss_sums(model, micro, amp)
+    base, heads = loss_sums(model, micro, amp, attention)
     loss = base
     for head in heads:
         loss = loss + mtp_weight * head
     return loss, base
 
 
-def loss_sums(model: torch.nn.Module, micro: MicroBatch, amp) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def model_inputs(micro: MicroBatch, attention: str = "auto") -> tuple[torch.Tensor, object, Callable]:
+    """(ids, batch, local) to run the model on: the whole row, or with a sequence-parallel group this rank's
+    slice of it with an SPBatch that attends over whole documents; local() cuts any per-token tensor of the row
+    to the same tokens."""
+    if micro.group is None:
+        return micro.ids, micro.batch, lambda x: x
+    attend = get_attention(choose_backend(attention, micro.ids.device))
+    sp = SPBatch.shard(micro.batch, attend, micro.group)
+    return sp.local(micro.ids), sp, sp.local
+
+
+def group_size(micro: MicroBatch) -> int:
+    return 1 if micro.group is None else torch.distributed.get_world_size(micro.group)
+
+
+def loss_sums(model: torch.nn.Module, micro: MicroBatch, amp, attention: str = "auto",
+              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Summed next-token cross-entropy of one micro-batch, and each MTP head's (none without heads)."""
+    ids, batch, local = model_inputs(micro, attention)
     with amp:
-        logits, head_logits = model(micro.ids, micro.batch, heads=True)
-    base = F.cross_entropy(logits.float(), micro.targets, reduction="sum")
-    return base, head_loss_sums(head_logits, micro.targets, micro.batch.cu_seqlens)
+        logits, head_logits = model(ids, batch, heads=True)
+    base = F.cross_entropy(logits.float(), local(micro.targets), reduction="sum")
+    return base, head_loss_sums(head_logits, micro.targets, micro.batch.cu_seqlens, local)
 
 
 @torch.no_grad()
@@ -149,6 +169,8 @@ class Run:
     precision: PrecisionChoice    # bf16 autocast or float32 for the steps and evaluation
     peak_flops: float             # measured matmul FLOP/s of the precision's dtype, over all ranks (for MFU)
     elapsed: float = 0.0          # seconds spent in training steps so far (not eval or saving), kept on resume
+    sp: dist.SPLayout | None = None  # sequence parallelism, when rows may be split over ranks
+    cost: CostModel | None = None    # the balancing cost model (sequence-parallel planning uses it too)
 
 
 def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print,
@@ -239,6 +261,7 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
     peak_flops = dist.sum_across(env, peak) * env.world_size
     cost = calibrate.load(cfg.data.cost_model) if cfg.data.cost_model else CostModel.from_flops(cfg.model)
     assign = dist.assigner(cfg.data.balance, cost)
+    sp = dist.sp_layout(cfg.dist.sp, cfg.data.rank_tokens, cfg.model.max_seq_len, cfg.model.n_head, env, capacity)
     step_model: torch.nn.Module = model
     if env.enabled:  # rank 0's weights are broadcast here; identical all-reduced steps keep them equal
         step_model = torch.nn.parallel.DistributedDataParallel(model)
@@ -246,7 +269,7 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
         step_model = torch.compile(step_model, dynamic=True)
     if not env.is_master:
         return Run(cfg, run_dir, device, model, step_model, optimizer, loader, val, tokenizer, start_step, {},
-                   env, assign, precision, peak_flops, elapsed)
+                   env, assign, precision, peak_flops, elapsed, sp, cost)
     save_json(cfg, run_dir / "config.json")
     tokenizer.save_dir(run_dir, cfg.model.max_seq_len)
 
@@ -267,7 +290,7 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
                                             if precision.dtype == torch.bfloat16 else "")
         + f"; {precision.name} matmul peak {peak_flops / 1e9:,.0f} GFLOP/s (MFU is against it)")
     return Run(cfg, run_dir, device, model, step_model, optimizer, loader, val, tokenizer, start_step, info,
-               env, assign, precision, peak_flops, elapsed)
+               env, assign, precision, peak_flops, elapsed, sp, cost)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -296,14 +319,15 @@ def fit(run: Run, micros: list[MicroBatch], lr: float, amp, n_targets: int = 0) 
     if not micros:  # this rank got nothing this step but must join the all-reduce: a zero-weight token
         micros, weight = [dist.empty_micro()], 0.0
     loss_total = next_token_total = 0.0
-    flops = sum(mfu.step_flops(run.cfg.model, m.batch.seqlens) for m in micros) * weight
+    # A row split over a group is computed once by the group: each rank counts its share.
+    flops = sum(mfu.step_flops(run.cfg.model, m.batch.seqlens) / group_size(m) for m in micros) * weight
     for k, m in enumerate(micros):
         # Gradients are all-reduced once per step, on the last backward: DDP averages over ranks, so
         # each rank scales its part up by the rank count to make the result the sum.
         last = k == len(micros) - 1
         with run.step_model.no_sync() if run.env.enabled and not last else nullcontext():
             loss, next_token = objective_and_next_token_loss(run.step_model, m.to(run.device), amp,
-                                                             run.cfg.train.mtp_weight)
+                                                             run.cfg.train.mtp_weight, run.cfg.model.attention)
             loss, next_token = loss / n_targets, next_token.detach() / n_targets
             if weight != 1.0:
                 loss, next_token = loss * weight, next_token * weight
@@ -330,8 +354,11 @@ def main(run: Run, log: Callable[[str], None] = print, progress: bool = True) ->
     with open(run.run_dir / METRICS, "a") if master else open(os.devnull, "w") as metrics:
         for step in range(run.start_step + 1, t.max_steps + 1):
             t0 = time.perf_counter()
-            rank_tokens = None
-            if run.env.enabled:
+            rank_tokens = sp_degrees = None
+            if run.sp is not None:
+                micros, n_tokens, rank_tokens, sp_degrees = dist.sp_share(run.loader, run.loader.next_specs(),
+                                                                           run.env, run.sp, run.cost, run.assign)
+            elif run.env.enabled:
                 micros, n_tokens, rank_tokens = dist.rank_share(run.loader, run.loader.next_specs(), run.env,
                                                                 run.assign)
             else:
@@ -348,6 +375,8 @@ def main(run: Run, log: Callable[[str], None] = print, progress: bool = True) ->
                 last["loss_with_heads"] = objective  # what the optimizer minimises: + mtp_weight x head losses
             if rank_tokens is not None:
                 last["rank_tokens"] = rank_tokens
+            if sp_degrees is not None:
+                last["sp_degrees"] = sp_degrees  # each rank's group size this step (1: trained alone)
             done = step == t.max_steps or (t.max_time > 0 and run.elapsed >= t.max_time)
             if master and run.val and ((t.eval_every and step % t.eval_every == 0) or done):
                 # the plain model under DDP: its wrapper's forward would wait for ranks that do not evaluate
