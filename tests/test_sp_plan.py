@@ -165,7 +165,6 @@ def test_sp_cost_extends_the_data_parallel_cost():
     assert cost.seq_time(1000, 4) == pytest.approx(base(1000) / 4 + 3.0 * 1000 * 3 / 16)
     lengths = long_tailed(50, 3, 4096)
     assert balance(lengths, 4, cost) == balance(lengths, 4, base)  # still a CostModel to balance()
-    assert SPCost.from_flops(ModelConfig(dim=256, n_layer=4, n_head=4, n_kv_head=2)).c == 0.0
     # a plain CostModel plans as free communication
     assert plan_step(lengths, 4, base, 4096) == plan_step(lengths, 4, SPCost.from_cost(base, 0.0), 4096)
 
@@ -220,3 +219,14 @@ def test_cut_to_cap_and_full_context_share_by_hand():
     assert cut_to_cap([10, 3, 8], 4) == [4, 4, 2, 3, 4, 4]
     assert full_context_share([10, 3, 8], 4) == (4 + 3 + 4) / 21
     assert full_context_share([10, 3, 8], 10) == 1.0 and full_context_share([], 4) == 1.0
+
+
+def test_flop_cost_model_prices_the_all_to_all():
+    from varlen.config import ModelConfig
+    cfg = ModelConfig(dim=256, n_layer=4, n_head=8, n_kv_head=2)
+    cost, base = SPCost.from_flops(cfg), CostModel.from_flops(cfg)
+    assert (cost.a, cost.b) == (base.a, base.b)
+    # q, k, v out and the output back, forward and backward, 4-byte elements, priced per byte
+    assert cost.c == pytest.approx(4 * 2 * (2 * 8 + 2 * 2) * 32 * 4 * 20.0)
+    # splitting costs something now: a sequence that fits one rank is cheaper there
+    assert cost.seq_time(1000, 2) * 2 > cost.seq_time(1000, 1)

@@ -4,6 +4,8 @@ import subprocess
 
 import pytest
 
+from varlen.data.corpus import stdlib_files
+
 from .helpers import TINY, python_corpus, varlen_cmd
 from .test_dist import _metrics, _train, _weights, kill_and_resume
 
@@ -70,3 +72,28 @@ def test_bad_sequence_parallel_options_fail_clearly(corpus, tmp_path, extra, wor
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert all(w in res.stderr for w in words), res.stderr[-2000:]
+
+
+def mixed_corpus(dest):
+    """Mostly short documents and a few of 33-64 tokens: steps where only some pieces need two ranks."""
+    dest.mkdir(parents=True, exist_ok=True)
+    files = [p for p in stdlib_files() if p.stat().st_size > 2000][:90]
+    for i, p in enumerate(files):
+        text = p.read_text(errors="replace")
+        (dest / f"{i:03d}.py").write_text(text[:150] if i % 9 == 0 else text[:50])
+    return dest
+
+
+def test_four_ranks_mix_data_and_sequence_parallel_groups(tmp_path):
+    # 4 ranks on this 2-core machine (--force): a step splits its long pieces over a pair of ranks while the
+    # other two train short ones alone. Still one process's gradients.
+    corpus = mixed_corpus(tmp_path / "corpus")
+    opts = _opts(corpus, "--data.tokens_per_step", "256", "--data.val_fraction", "0.05")
+    _train("--out", str(tmp_path / "one"), *opts)
+    _train("--nproc", "4", "--force", "--out", str(tmp_path / "four"), *opts, *SP, timeout=600)
+    m = _metrics(tmp_path / "four")
+    degrees = [r["sp_degrees"] for r in m.values()]
+    assert any(1 in d and max(d) > 1 for d in degrees), f"no step mixed data- and sequence-parallel groups: {degrees}"
+    a, b = _weights(tmp_path / "one", STEPS), _weights(tmp_path / "four", STEPS)
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff <= 1e-5, f"4-rank sequence-parallel weights differ from 1-process weights by {diff}"

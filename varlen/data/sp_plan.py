@@ -31,6 +31,11 @@ MAX_PARTITIONS = 4096
 # most this many besides the one-size ones. On long-tailed steps the bound is within 1-2% of the greedy's
 # makespan, too loose to prune the ~1,800 partitions of 64 ranks, but the best came among the first few tried.
 MAX_TRIED = 16
+# What moving one byte between ranks costs in FLOPs of compute forgone, for the FLOP cost model: ~100 GFLOP/s of
+# CPU matmul over ~5 GB/s through gloo on one machine is 20 (a GPU over NVLink is nearer 1,000). Only the
+# ratio to the compute terms matters to the planner; it makes splitting a sequence cost something, so short
+# sequences stay on one rank.
+COMM_FLOPS_PER_BYTE = 20.0
 _REL = 1e-12  # a new plan must beat the best by this much (relative) to replace it: float noise is no win
 
 
@@ -46,6 +51,16 @@ class SPCost(CostModel):
     @classmethod
     def from_cost(cls, cost: CostModel, c: float) -> "SPCost":
         return cls(cost.a, cost.b, c)
+
+    @classmethod
+    def from_flops(cls, cfg, flops_per_byte: float = COMM_FLOPS_PER_BYTE) -> "SPCost":
+        """CostModel.from_flops plus the all-to-all in FLOP-equivalents: per token and layer, forward sends its
+        q, k, v and receives its output (2H + 2Hkv heads of head_dim), backward the same again, in 4-byte
+        elements, priced at `flops_per_byte` (the compute one byte on the link costs: an assumption until
+        `varlen bench calibrate` measures it)."""
+        cost = CostModel.from_flops(cfg)
+        elements = 2 * (2 * cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim * cfg.n_layer
+        return cls(cost.a, cost.b, 4.0 * elements * flops_per_byte)
 
 
 @dataclass(frozen=True)

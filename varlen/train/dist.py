@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ..batch import Batch
 from ..config import ConfigError
 from ..data.balance import CostModel, balance, round_robin
-from ..data.sp_plan import SPCost, plan_step
+from ..data.sp_plan import plan_step
 from ..data.loader import MicroBatch, StepLoader
 
 
@@ -184,7 +184,7 @@ def sp_share(loader: StepLoader, specs: list, env: DistEnv, layout: SPLayout, co
         mine = [seqs[i] for i in groups[env.rank]]
         micros = [loader.make_batch(s) for s in loader.rows_of(mine, layout.cap)]
         return micros, sum(lengths), [sum(lengths[i] for i in g) for g in groups], [1] * env.world_size
-    plan = plan_step(lengths, env.world_size, SPCost.from_cost(cost, 0.0), layout.cap, layout.degrees,
+    plan = plan_step(lengths, env.world_size, cost, layout.cap, layout.degrees,
                      mode=layout.mode, static_degree=layout.static_degree)
     g = plan.group_of(env.rank)
     group = layout.groups[g.ranks] if g.degree > 1 else None
