@@ -67,6 +67,17 @@ def test_logprobs_stream_with_their_tokens_for_completions_and_chat(server):
     assert len(entries) == 10 and all(len(e.top_logprobs) == 2 for e in entries)
 
 
+def test_chat_without_max_tokens_may_fill_the_context(server):
+    # OpenAI's chat default: no cap below the context (completions keep their default of 16).
+    msgs = [{"role": "user", "content": "hello"}]
+    chat = server.client.chat.completions.create(model="tiny", messages=msgs, **GREEDY)
+    done = chat.usage.prompt_tokens + chat.usage.completion_tokens
+    assert chat.usage.completion_tokens > 16 and chat.choices[0].finish_reason == "length"
+    assert done == server.client.models.list().data[0].max_model_len
+    text = server.client.completions.create(model="tiny", prompt="hello", **GREEDY)
+    assert text.usage.completion_tokens == 16
+
+
 def test_json_object_and_json_schema_outputs_parse_and_validate(server):
     r = server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "json"}],
                                               max_tokens=200, temperature=0.8, seed=1,

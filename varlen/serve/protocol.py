@@ -48,7 +48,8 @@ class ResponseFormat(_Strict):
 class SamplingFields(_Strict):
     """Fields shared by completions and chat; ranges as OpenAI documents them, plus vLLM's extensions."""
     model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1, description="Tokens to generate (default 16).")
+    max_tokens: Optional[int] = Field(None, ge=1, description="Tokens to generate (default: 16 for completions; "
+                                      "for chat, what the context leaves after the prompt).")
     temperature: float = Field(1.0, ge=0, le=2, description="0 (or below 1e-5) is greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 = off.")

@@ -195,7 +195,9 @@ def create_app(state: ServerState) -> FastAPI:
         top = body.top_logprobs if body.logprobs else None
         if body.logprobs and top is None:
             top = 0
-        params = sampling_params(body, state, logprobs=top)
+        # Without max_tokens a chat reply may use the rest of the context, as OpenAI's and vLLM's do (16 is the
+        # completions API's default, and cuts a chat answer off mid-sentence).
+        params = sampling_params(body, state, logprobs=top, default_max_tokens=max(1, state.max_len - len(prompt)))
         return await run(request, body, [prompt], params, chat=True)
 
     async def run(request: HTTPRequest, body: api.SamplingFields, prompts: list, params: SamplingParams,
@@ -320,11 +322,12 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
-def sampling_params(body: api.SamplingFields, state: ServerState, logprobs: int | None) -> SamplingParams:
+def sampling_params(body: api.SamplingFields, state: ServerState, logprobs: int | None,
+                    default_max_tokens: int = 16) -> SamplingParams:
     """The validated body -> the engine's SamplingParams; limits that depend on this server's config here."""
     from .structured import GrammarError, grammar_for
     cfg = state.cfg
-    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    max_tokens = default_max_tokens if body.max_tokens is None else body.max_tokens
     stops = body.stop or []  # a list once validated; None when not sent
     for ok, param, msg in [
         (max_tokens <= state.max_len, "max_tokens", f"must be at most the context length {state.max_len}"),
