@@ -66,6 +66,7 @@ def test_killed_sequence_parallel_job_resumes_exactly(corpus):
     (["--data.rank_tokens", "32", "--dist.sp", "off"], ["data.rank_tokens", "dist.sp auto"]),
     (["--data.rank_tokens", "32"], ["one process", "--nproc"]),
     (["--nproc", "2", "--data.rank_tokens", "16"], ["data.rank_tokens", "raise"]),
+    (["--nproc", "2", "--data.rank_tokens", "32", "--data.batching", "concat_chunk"], ["data.batching", "pack or dd"]),
 ])
 def test_bad_sequence_parallel_options_fail_clearly(corpus, tmp_path, extra, words):
     res = subprocess.run(varlen_cmd("train", "--out", str(tmp_path / "r"), *_opts(corpus, *extra)),
@@ -97,3 +98,14 @@ def test_four_ranks_mix_data_and_sequence_parallel_groups(tmp_path):
     a, b = _weights(tmp_path / "one", STEPS), _weights(tmp_path / "four", STEPS)
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert diff <= 1e-5, f"4-rank sequence-parallel weights differ from 1-process weights by {diff}"
+
+
+def test_sequence_parallel_dd_steps_equal_one_process(corpus):
+    # Dataset Decomposition's buckets of 64-token chunks, each chunk split over both ranks (rank_tokens 32).
+    opts = _opts(corpus, "--data.batching", "dd", "--train.max_steps", "6")
+    one, two = corpus.parent / "dd-one", corpus.parent / "dd-two"
+    _train("--out", str(one), *opts)
+    _train("--nproc", "2", "--out", str(two), *opts, *SP)
+    assert any(max(r["sp_degrees"]) == 2 for r in _metrics(two).values()), "no step was split"
+    a, b = _weights(one, 6), _weights(two, 6)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5

@@ -314,6 +314,9 @@ def validate(cfg: Config) -> None:
         (lambda: d.rank_tokens >= 0, f"data.rank_tokens is {d.rank_tokens}; use 0 (no cap) or a positive count"),
         (lambda: cfg.dist.sp in SP_MODES or cfg.dist.sp.isdigit() and int(cfg.dist.sp) >= 1,
          f"dist.sp is {cfg.dist.sp!r}; use auto, off or a sequence-parallel degree such as 2"),
+        (lambda: d.batching in ("pack", "dd") or (cfg.dist.sp in SP_MODES and not 0 < d.rank_tokens < m.max_seq_len),
+         f"sequence parallelism (data.rank_tokens below model.max_seq_len, or dist.sp {cfg.dist.sp}) splits "
+         f"documents, which data.batching {d.batching} does not keep whole; use --data.batching pack or dd"),
         (lambda: cfg.dist.sp != "off" or not 0 < d.rank_tokens < m.max_seq_len,
          f"data.rank_tokens ({d.rank_tokens}) is below model.max_seq_len ({m.max_seq_len}) with dist.sp off: "
          f"documents that long would not fit one rank; pass --dist.sp auto, or raise data.rank_tokens"),

@@ -182,8 +182,8 @@ class DDLoader(StepLoader):
             steps.append(rows + [row])
         return steps
 
-    def rows_of(self, seqs: list) -> list:
-        cap = max([self.row_cap] + [q.length for q in seqs])
+    def rows_of(self, seqs: list, capacity: int = 0) -> list:
+        cap = capacity or max([self.row_cap] + [q.length for q in seqs])
         bins = best_fit_decreasing([q.length for q in seqs], cap)
         return [[seqs[k] for k in sorted(b)] for b in bins]
 
