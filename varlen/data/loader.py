@@ -224,7 +224,8 @@ class ConcatChunkLoader(StepLoader):
     def seq_length(self, seq: tuple[int, int]) -> int:
         return self.max_seq_len
 
-    def rows_of(self, seqs: list) -> list:
+    def rows_of(self, seqs: list, capacity: int = 0) -> list:
+        # windows of max_seq_len, per_row to a row: the shape is fixed, a capacity changes nothing
         return [seqs[j:j + self.per_row] for j in range(0, len(seqs), self.per_row)]
 
     def _tokens(self, epoch: int, start: int, n: int) -> np.ndarray:
@@ -281,7 +282,8 @@ class PadLoader(StepLoader):
             row.append(p)
         return rows + [row]
 
-    def rows_of(self, seqs: list) -> list:
+    def rows_of(self, seqs: list, capacity: int = 0) -> list:
+        # padded rows follow the step's token budget; sequence parallelism (the only caller of capacity) refuses pad
         return self._rows(seqs) if seqs else []
 
     def make_batch(self, spec: list[Piece]) -> MicroBatch:

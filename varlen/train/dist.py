@@ -103,14 +103,15 @@ def assigner(mode: str, cost: CostModel) -> Callable[[Sequence[int], int], list[
 
 
 def rank_share(loader: StepLoader, specs: list, env: DistEnv,
-               assign: Callable[[Sequence[int], int], list[list[int]]]) -> tuple[list[MicroBatch], int, list[int]]:
-    """This rank's micro-batches of a step, the step's target count over all ranks (the loss divisor) and
-    the tokens each rank got (for logging)."""
+               assign: Callable[[Sequence[int], int], list[list[int]]],
+               capacity: int = 0) -> tuple[list[MicroBatch], int, list[int]]:
+    """This rank's micro-batches of a step (rows of at most `capacity` tokens, default the loader's), the
+    step's target count over all ranks (the loss divisor) and the tokens each rank got (for logging)."""
     seqs = [q for spec in specs for q in spec]
     lengths = [loader.seq_length(q) for q in seqs]
     groups = assign(lengths, env.world_size)
     mine = [seqs[i] for i in groups[env.rank]]
-    micros = [loader.make_batch(s) for s in loader.rows_of(mine)]
+    micros = [loader.make_batch(s) for s in loader.rows_of(mine, capacity)]
     return micros, sum(lengths), [sum(lengths[i] for i in g) for g in groups]
 
 
@@ -180,10 +181,7 @@ def sp_share(loader: StepLoader, specs: list, env: DistEnv, layout: SPLayout, co
     seqs = [q for spec in specs for q in spec]
     lengths = [loader.seq_length(q) for q in seqs]
     if layout.mode == "auto" and max(lengths, default=0) <= layout.cap:
-        groups = assign(lengths, env.world_size)
-        mine = [seqs[i] for i in groups[env.rank]]
-        micros = [loader.make_batch(s) for s in loader.rows_of(mine, layout.cap)]
-        return micros, sum(lengths), [sum(lengths[i] for i in g) for g in groups], [1] * env.world_size
+        return (*rank_share(loader, specs, env, assign, layout.cap), [1] * env.world_size)
     plan = plan_step(lengths, env.world_size, cost, layout.cap, layout.degrees,
                      mode=layout.mode, static_degree=layout.static_degree)
     g = plan.group_of(env.rank)
