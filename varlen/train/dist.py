@@ -64,8 +64,11 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def shutdown(env: DistEnv) -> None:
+def shutdown(env: DistEnv, wait: bool = True) -> None:
+    """Tear the process groups down; with `wait`, only once every rank has got here."""
     if env.enabled and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

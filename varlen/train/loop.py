@@ -445,26 +445,36 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
     Under torchrun (WORLD_SIZE > 1 in the environment) this process is one data-parallel rank."""
     env = dist.env_from_torchrun()
     try:
-        run = setup(cfg, run_dir, resume, log, env)
-        if not env.is_master:
-            log = lambda msg: None  # noqa: E731
-        if run.start_step >= cfg.train.max_steps:
-            log(f"run already at step {run.start_step} >= train.max_steps {cfg.train.max_steps}; raise "
-                f"--train.max_steps to train further")
-            return {}
-        if cfg.train.max_time > 0 and run.elapsed >= cfg.train.max_time:
-            log(f"run already trained {run.elapsed:.0f} s >= train.max_time {cfg.train.max_time:g}; raise "
-                f"--train.max_time to train further")
-            return {}
-        last = main(run, log, progress)
-        if plot and env.is_master:
-            from ..plots import plot_loss
-            log(f"loss plot: {plot_loss(run.run_dir)}")
-        if env.is_master:
-            _cleanup_tmp(run.run_dir)
-        return last
-    finally:
-        dist.shutdown(env)
+        last = _train_and_report(cfg, run_dir, resume, log, progress, plot, env)
+    except BaseException:
+        dist.shutdown(env, wait=False)  # a peer may be inside a collective: waiting for it would hang
+        raise
+    # Every rank leaves together, after rank 0's last save and plot: a gloo rank that tears its process group
+    # down while a peer still works can abort at exit ("terminate called without an active exception").
+    dist.shutdown(env)
+    return last
+
+
+def _train_and_report(cfg: Config, run_dir: str | Path, resume: bool, log: Callable[[str], None], progress: bool,
+                      plot: bool, env: dist.DistEnv) -> dict:
+    run = setup(cfg, run_dir, resume, log, env)
+    if not env.is_master:
+        log = lambda msg: None  # noqa: E731
+    if run.start_step >= cfg.train.max_steps:
+        log(f"run already at step {run.start_step} >= train.max_steps {cfg.train.max_steps}; raise "
+            f"--train.max_steps to train further")
+        return {}
+    if cfg.train.max_time > 0 and run.elapsed >= cfg.train.max_time:
+        log(f"run already trained {run.elapsed:.0f} s >= train.max_time {cfg.train.max_time:g}; raise "
+            f"--train.max_time to train further")
+        return {}
+    last = main(run, log, progress)
+    if plot and env.is_master:
+        from ..plots import plot_loss
+        log(f"loss plot: {plot_loss(run.run_dir)}")
+    if env.is_master:
+        _cleanup_tmp(run.run_dir)
+    return last
 
 
 def _cleanup_tmp(run_dir: Path) -> None:
