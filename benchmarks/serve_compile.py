@@ -6,7 +6,7 @@ chunk; rounds interleave the engines so drift of a shared machine hits both alik
 with each engine's spread. No HTTP: `Engine.step` in a loop, so this isolates the forward. The greedy tokens of
 a few requests are compared between the two engines at the end.
 
-    .venv/bin/python benchmarks/serve_compile.py [--dtype auto] [--rounds 3] [--threads 2]
+    .venv/bin/python benchmarks/serve_compile.py [--dtype auto] [--quantization none|int8] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ def prefill_chunk(engine, prompt: list[int]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", default="auto", help="serving dtype of both engines (default auto)")
+    ap.add_argument("--quantization", default="none", choices=["none", "int8"],
+                    help="weights of both engines (default none)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", type=int, default=512, help="tokens of the timed prefill chunk")
@@ -77,12 +79,14 @@ def main() -> None:
     hf_dir, meta = build_model(shape, 0, 5.0, work, tok)
     model, _, tokenizer = load_model(hf_dir)
     print(f"model {hf_dir} ({meta['params'] / 1e6:.1f} M parameters), dtype {args.dtype}, "
+          f"quantization {args.quantization}, "
           f"max_num_seqs 16, kv_cache 1 GiB")
     engines = {}
     for name, compile_ in (("eager", False), ("compiled", True)):
         t = time.perf_counter()
         engines[name] = Engine(copy.deepcopy(model), tokenizer,
-                               ServeConfig(kv_cache_gib=1.0, max_num_seqs=16, dtype=args.dtype, compile=compile_))
+                               ServeConfig(kv_cache_gib=1.0, max_num_seqs=16, dtype=args.dtype, compile=compile_,
+                                           quantization=args.quantization))
         print(f"{name}: built in {time.perf_counter() - t:.1f} s ({engines[name].precision.reason}); "
               f"compiled forward: {'yes' if engines[name].runner.step_fn else 'no'}", flush=True)
 

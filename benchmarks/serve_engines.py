@@ -12,8 +12,8 @@ context. `--tiny` builds a small shape for a quick smoke run.
 Engines and precisions (each in a fresh server process bound to 127.0.0.1, started, warmed up, timed, stopped):
 
   varlen    `python -m varlen serve HF_DIR`: fp32 (`--dtype float32` when the CLI has --dtype), auto
-            (`--dtype auto`, only when supported), int8 (`--quantization int8`, only when supported) and
-            auto compiled (`--dtype auto --compile`, only when supported)
+            (`--dtype auto`, only when supported), int8 (`--quantization int8`, only when supported), and
+            auto and int8 compiled (`--compile`, only when supported)
   vllm      vLLM's CPU build (`python -m vllm.entrypoints.openai.api_server`): --dtype bfloat16, float32
   llamacpp  llama-server on GGUF files: F32, BF16, Q8_0 (KV cache in f32 / bf16 / llama.cpp's default f16)
 
@@ -81,6 +81,8 @@ VARIANTS = {
     "varlen:auto": ("varlen", "varlen --dtype auto", {"dtype": "auto"}),
     "varlen:int8": ("varlen", "varlen --quantization int8", {"quantization": "int8"}),
     "varlen:auto+compile": ("varlen", "varlen --dtype auto --compile", {"dtype": "auto", "compile": True}),
+    "varlen:int8+compile": ("varlen", "varlen --quantization int8 --compile",
+                            {"quantization": "int8", "compile": True}),
     "vllm:bf16": ("vllm", "vLLM-CPU bf16", {"dtype": "bfloat16"}),
     "vllm:fp32": ("vllm", "vLLM-CPU fp32", {"dtype": "float32"}),
     "llamacpp:F32": ("llamacpp", "llama-server F32", {"gguf": "F32", "kv": "f32"}),

@@ -140,7 +140,7 @@ def test_a_bf16_engine_has_bf16_weights_and_cache_gives_fp32_logits_and_mostly_t
     assert message.startswith("precision: bfloat16 as requested")
     assert bf16.precision.dtype == torch.bfloat16 and fp32.precision.dtype == torch.float32
     assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
-    assert {t.dtype for t in bf16.runner.k_cache + bf16.runner.v_cache} == {torch.bfloat16}
+    assert {bf16.runner.k_cache.dtype, bf16.runner.v_cache.dtype} == {torch.bfloat16}
     assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
 
     g = torch.Generator().manual_seed(0)

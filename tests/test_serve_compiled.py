@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from varlen.config import ModelConfig, ServeConfig
+from varlen.model.quant import int8_rows
 from varlen.model.transformer import Transformer
 from varlen.serve import compiled
 from varlen.serve.engine import Engine
@@ -23,14 +24,22 @@ def prompts(n, seed=0):
             for _ in range(n)]
 
 
-def test_compiled_engine_equals_eager_and_compiles_only_at_start(model, tokenizer):
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_compiled_engine_equals_eager_and_compiles_only_at_start(model, tokenizer, quantization, monkeypatch):
+    if quantization == "int8":
+        # A crossover fixed rather than timed, so both engines branch alike and the test is the same every run.
+        from varlen.model import quant
+        monkeypatch.setattr(quant, "int8_crossover", lambda *a, **k: 3)
     # Small steps force chunked prefills beside decodes: every kind of step the scheduler makes.
-    cfg = dict(kv_cache_gib=0.01, dtype="float32", max_num_batched_tokens=48, max_num_seqs=5)
+    # Autotuning (C++ GEMM templates compiled and timed) with int8, where it pays; the fp32 case starts quicker.
+    cfg = dict(kv_cache_gib=0.01, dtype="float32", max_num_batched_tokens=48, max_num_seqs=5,
+               quantization=quantization, autotune=quantization == "int8")
     eager = Engine(copy.deepcopy(model), tokenizer, ServeConfig(**cfg))
     comp = Engine(copy.deepcopy(model), tokenizer, ServeConfig(**cfg, compile=True))
     assert comp.runner.step_fn is not None and eager.runner.step_fn is None
+    assert int8_rows(comp.model) == (3 if quantization == "int8" else None)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert graphs >= 3  # one token; one sequence of several; several sequences
+    assert graphs >= 3  # one token; one sequence of several; several sequences (int8: each both sides of 3 rows)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
     batch = prompts(9)
     want = eager.generate(batch, params)
@@ -43,8 +52,7 @@ def test_compiled_engine_equals_eager_and_compiles_only_at_start(model, tokenize
     comp.blocks.check([])  # every block back (the warm-up requests included)
 
 
-@pytest.mark.parametrize("kw, why", [({"quantization": "int8"}, "int8"),
-                                     ({"speculative": True}, "speculative")])
+@pytest.mark.parametrize("kw, why", [({"speculative": True}, "speculative")])
 def test_compile_falls_back_to_eager_with_a_reason(model, tokenizer, caplog, kw, why):
     m = copy.deepcopy(model)
     if kw.get("speculative"):
@@ -55,3 +63,58 @@ def test_compile_falls_back_to_eager_with_a_reason(model, tokenizer, caplog, kw,
     assert any("--compile ignored" in r.message and why in r.message for r in caplog.records)
     [[out]] = eng.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert len(out.token_ids) == 3
+
+
+def _decode_step(ctxs, seed=0, hkv=2, h=6, d=8, layers=2):
+    """A decode-only step (one new token per sequence) over a 2-layer cache whose contexts are scattered."""
+    from varlen.batch import Batch, PagedBatch
+    g = torch.Generator().manual_seed(seed)
+    total = sum(ctxs)
+    slots = torch.randperm(total + 7, generator=g)[:total]
+    k_cache = torch.randn(layers, total + 7, hkv, d, generator=g)
+    v_cache = torch.randn(layers, total + 7, hkv, d, generator=g)
+    ends = torch.cumsum(torch.tensor(ctxs), 0) - 1
+    base = Batch.from_seqlens([1] * len(ctxs))
+    batch = PagedBatch(base.cu_seqlens, base.positions, 1, context_lens=list(ctxs), slot_mapping=slots[ends],
+                       context_slots=slots, k_cache=k_cache, v_cache=v_cache)
+    B = len(ctxs)
+    q, k, v = (torch.randn(B, n, d, generator=g) for n in (h, hkv, hkv))
+    return batch, q, k, v
+
+
+def test_decode_inputs_pad_each_context_and_keep_the_new_key():
+    from varlen.model.attention import paged
+    batch, *_ = _decode_step([4, 6, 3])
+    slots, mask = paged.decode_inputs(batch)
+    assert slots.shape == (3, 5) and mask.shape == (3, 1, 1, 6)
+    cs = batch.context_slots
+    assert slots[1].tolist() == cs[4:9].tolist()                          # the 5 cached tokens of sequence 1
+    assert slots[0, :3].tolist() == cs[0:3].tolist() and slots[0, 3:].tolist() == [int(cs[0])] * 2
+    assert mask[:, 0, 0].tolist() == [[True] * 3 + [False] * 2 + [True], [True] * 6,
+                                      [True] * 2 + [False] * 3 + [True]]
+    assert paged.decode_inputs(_decode_step([2])[0])[0].shape == (1, 2)   # at least 2 keys: no size-1 graph
+    slots, mask = paged.decode_inputs(_decode_step([1, 3])[0])             # a one-token prompt: its own key only
+    assert mask[0, 0, 0].tolist() == [False, False, True]
+    # Not a decode-only step of one group: contexts too far apart, or a sequence of two new tokens.
+    assert paged.decode_inputs(_decode_step([3, 40])[0]) is None
+    two = _decode_step([5, 6])[0]
+    two._plan["seqlens"] = [2, 1]
+    assert paged.decode_inputs(two) is None
+
+
+def test_in_graph_decode_attention_equals_paged_attention():
+    # The compiled decode step's attention, run eagerly here, against the eager engine's paged attention.
+    from varlen.model.attention import paged
+    for ctxs in ([9, 6, 7, 12], [1, 2]):  # the second: a one-token prompt's first step beside a decode
+        _check_decode_attention(*_decode_step(ctxs))
+
+
+def _check_decode_attention(batch, q, k, v):
+    from varlen.model.attention import paged
+    slots, mask = paged.decode_inputs(batch)
+    for layer in range(2):
+        graph = compiled.DecodeGraphBatch(batch.positions, slots, mask, batch.k_cache, batch.v_cache)
+        got = graph.attend(q, k, v, graph.layer_view(layer))
+        assert graph.new_k[0] is k and graph.new_v[0] is v                  # handed out for the runner to write
+        want = paged.attention(q, k, v, batch.layer_view(layer))          # writes k, v into the cache
+        assert (got - want).abs().max().item() < 1e-5

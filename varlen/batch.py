@@ -81,7 +81,7 @@ class PagedBatch(Batch):
     context of context_lens[i] tokens. slot_mapping (T,) says where each new token's K/V is written;
     context_slots (sum of context_lens,) lists every context token's cache slot, sequence after sequence,
     so a layer gathers all contexts in one indexing op.
-    k_cache / v_cache: one (num_slots, Hkv, D) tensor per layer; layer_view(i) picks layer i's.
+    k_cache / v_cache: (layers, num_slots, Hkv, D), or a list of (num_slots, Hkv, D); layer_view(i) picks layer i's.
     """
     context_lens: list[int] = field(default_factory=list)
     slot_mapping: torch.Tensor | None = None

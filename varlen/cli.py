@@ -202,7 +202,8 @@ def _serve_config(args: argparse.Namespace):
                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                       max_waiting=args.max_waiting, speculative=args.speculative,
                       num_speculative=args.num_speculative, speculative_max_batch=args.speculative_max_batch,
-                      dtype=args.dtype, quantization=args.quantization, compile=args.compile)
+                      dtype=args.dtype, quantization=args.quantization, compile=args.compile,
+                      autotune=not args.no_autotune)
     checks = [(cfg.block_size >= 1, "--block-size must be at least 1"),
               (cfg.num_speculative >= 0, "--num-speculative must be 0 (one draft per MTP head) or positive"),
               (cfg.speculative or not cfg.num_speculative, "--num-speculative needs --speculative"),
@@ -418,7 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="int8: weight-only int8 weights, a quarter of fp32's memory (default none)")
         sp.add_argument("--compile", action="store_true",
                         help="compile the forward with torch.compile (fused small ops, inductor's prepacked "
-                             "weights): faster steps after 1-2 minutes of compiling at start-up")
+                             "weights, decode attention in the graph): faster steps after 3-6 minutes of "
+                             "compiling at start-up")
+        sp.add_argument("--no-autotune", action="store_true",
+                        help="with --compile: skip timing inductor's GEMM kernels for decode steps (a shorter "
+                             "start; int8 decoding runs slower)")
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     sv.add_argument("run_dir", help="varlen run or checkpoint directory, or a Hugging Face Llama directory")

@@ -123,7 +123,8 @@ class ServeConfig:
     speculative_max_batch: int = 0      # draft only while at most this many requests run; 0 = always
     dtype: str = "auto"                 # weights and KV cache: auto (bf16 where it runs faster) | float32 | bfloat16
     quantization: str = "none"          # none | int8 (weight-only)
-    compile: bool = False               # torch.compile the forward (inductor): ~1-2 min of compiling at start-up
+    compile: bool = False               # torch.compile the forward (inductor): minutes of compiling at start-up
+    autotune: bool = True               # with compile: time inductor's GEMM kernels for decode steps (longer start)
 
     def __post_init__(self):
         # Checked here, not only by the CLI: a bad value would otherwise surface deep in model loading.

@@ -134,7 +134,7 @@ def choose_dtype(requested: str, device: torch.device) -> PrecisionChoice:
 def prepare_model(model: torch.nn.Module, dtype: str = "auto", quantization: str = "none",
                   pack: bool = True) -> PrecisionChoice:
     """Cast `model` in place to the dtype `choose_dtype` picks for its device, then (quantization "int8")
-    quantize its weights, or (pack, bf16 on a CPU with oneDNN) prepack its dense ones; logs and returns the choice.
+    quantize its weights, and (pack, bf16 on a CPU with oneDNN) prepack its dense ones; logs and returns the choice.
     Either way the model can serve but no longer train."""
     if quantization not in QUANTIZATION_CHOICES:
         raise ConfigError(f"quantization {quantization!r} unknown; use one of: {', '.join(QUANTIZATION_CHOICES)}")
@@ -148,7 +148,7 @@ def prepare_model(model: torch.nn.Module, dtype: str = "auto", quantization: str
                 raise  # quant.py is there but something it needs is not: its own message says what
             raise ConfigError("--quantization int8 needs varlen.model.quant, which this install lacks; "
                               "use --quantization none") from None
-        quantize_int8_(model)
+        quantize_int8_(model, pack=pack)
         choice = PrecisionChoice(choice.dtype, choice.reason + "; weights quantized to int8")
     elif pack:
         from .model.packed import pack_linears_, packs

@@ -29,9 +29,11 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """A bias-free Linear with an int8 copy of its weight for calls of at most `max_int8_rows` rows."""
+    """A bias-free Linear with an int8 copy of its weight for calls of at most `max_int8_rows` rows. The dense
+    weight is prepacked for oneDNN when `pack` (eager serving); a compiled forward wants the plain Linear, which
+    inductor freezes and packs itself."""
 
-    def __init__(self, linear: nn.Linear, max_int8_rows: int):
+    def __init__(self, linear: nn.Linear, max_int8_rows: int, pack: bool = True):
         super().__init__()
         if linear.bias is not None:
             raise ValueError("Int8Linear takes bias-free Linears (varlen's model has no biases)")
@@ -39,7 +41,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scales.to(torch.bfloat16))
         # The dense weight, for calls with many rows: prepacked for oneDNN where serving packs (see packed.py).
-        self.dense = PackedLinear(linear.weight) if packs(linear.weight) else linear
+        self.dense = PackedLinear(linear.weight) if pack and packs(linear.weight) else linear
         self.max_int8_rows = max_int8_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,14 +60,19 @@ class Int8Linear(nn.Module):
 class Int8Output(nn.Module):
     """The (possibly tied) vocab projection as an Int8Linear: Transformer.output_proj."""
 
-    def __init__(self, weight: torch.Tensor, max_int8_rows: int):
+    def __init__(self, weight: torch.Tensor, max_int8_rows: int, pack: bool = True):
         super().__init__()
         holder = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
         holder.weight = nn.Parameter(weight.detach(), requires_grad=False)  # shared with the embedding, no copy
-        self.proj = Int8Linear(holder, max_int8_rows)
+        self.proj = Int8Linear(holder, max_int8_rows, pack)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj(h)
+
+
+def int8_rows(model: nn.Module) -> int | None:
+    """The row count up to which the model's int8 weights run the int8 kernel, or None if it has none."""
+    return next((m.max_int8_rows for m in model.modules() if isinstance(m, Int8Linear)), None)
 
 
 def int8_crossover(dim: int, hidden: int, dtype: torch.dtype, candidates=(1, 2, 4, 8, 16, 32)) -> int:
@@ -100,9 +107,10 @@ def _best_time(fn, reps: int = 3, inner: int = 3) -> float:
     return best
 
 
-def quantize_int8_(model: nn.Module, max_int8_rows: int | None = None) -> int:
+def quantize_int8_(model: nn.Module, max_int8_rows: int | None = None, pack: bool = True) -> int:
     """Replace every Linear in the model's blocks (and MTP heads), and the vocab projection, by an Int8Linear,
-    in place. max_int8_rows None measures the crossover on this CPU. Returns the crossover used."""
+    in place (`pack`: see Int8Linear). max_int8_rows None measures the crossover on this CPU. Returns the
+    crossover used."""
     p = next(model.parameters())
     if not int8_kernel_available(p.device):
         raise RuntimeError(f"int8 weight-only needs PyTorch's CPU kernel torch._weight_int8pack_mm; the model is "
@@ -113,6 +121,6 @@ def quantize_int8_(model: nn.Module, max_int8_rows: int | None = None) -> int:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child, max_int8_rows))
-    model.output_proj = Int8Output(model.output_weight(), max_int8_rows)
+                setattr(module, name, Int8Linear(child, max_int8_rows, pack))
+    model.output_proj = Int8Output(model.output_weight(), max_int8_rows, pack)
     return max_int8_rows

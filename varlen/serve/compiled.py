@@ -1,18 +1,24 @@
-"""The serving forward compiled with PyTorch's inductor: a whole step as one graph, the paged attention left eager.
+"""The serving forward compiled with PyTorch's inductor: a whole step as one graph.
 
 A decode step is ~120 matmuls and ~1,700 small ops (norms, RoPE, residual adds, SwiGLU, casts); run eagerly
 those small ops cost a third of a batch-1 step on a 2-core CPU. Inductor fuses them into a few loops and, with
 the weights frozen, prepacks every bf16 matmul for oneDNN itself (what packed.py does by hand for the eager
-path). The paged attention stays the eager code of model/attention/paged.py, called from the graph as one
-custom op: its plan (which sequences share an SDPA call) changes every step and is no business of a compiler.
+path).
 
-The step's PagedBatch reaches that op as an opaque reference (torch._library.opaque_object): the graph carries
-it through without looking inside, so a new batch every step needs no recompile. Where that API is missing
-(torch < 2.10) or the compiler fails, serving stays eager (`available`, and the engine's fallback).
+Two families of graphs:
+- decode (DecodeForward): every sequence of the step decodes one token and their contexts fit one padded
+  group (paged.decode_inputs). Attention runs inside the graph, so no Python runs per layer; the new keys and
+  values come out of the graph and the runner writes them to the cache. Inductor autotunes these graphs' GEMMs
+  (its own C++ templates against the library kernels), which for int8 weights at batch 1 halved the matmul time.
+- general (StepForward): any other step (prefill chunks, mixed steps, speculative verification). The paged
+  attention stays the eager code of model/attention/paged.py, called from the graph as one custom op whose
+  plan changes every step; the step's PagedBatch reaches it as an opaque reference
+  (torch._library.opaque_object), so a new batch needs no recompile.
+Where opaque objects are missing (torch < 2.10) or the compiler fails, serving stays eager (`available`, and
+the engine's fallback).
 
-Shapes: tokens per step vary (1 for a batch-1 decode, up to max_num_batched_tokens); compiled with dynamic
-shapes, that is a graph for one token and one for any other count (inductor specialises size 1), plus one
-per speculative head count.
+Shapes: token and row counts are dynamic; inductor specialises a count of 1, and int8 weights branch on the row
+count (Int8Linear), so each family has a few graphs, all compiled at engine start (engine.warmup_prompts).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import logging
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..batch import PagedBatch
 from ..config import ServeConfig
@@ -77,6 +84,51 @@ class GraphBatch:
         return torch.ops.varlen.paged_attention(q, k, v, *ref)
 
 
+class DecodeGraphBatch:
+    """A step where every sequence decodes one token, attended inside the graph (no Python per layer): each
+    layer gathers the sequences' cached keys and values (paged.decode_inputs), appends the new token's own, and
+    runs one SDPA over all sequences. The graph never writes the cache; it returns every layer's new keys and
+    values for the runner to write after the step (an in-graph write would be a mutation of a graph input)."""
+
+    def __init__(self, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor):
+        self.positions, self.slots, self.mask, self.k_cache, self.v_cache = positions, slots, mask, k_cache, v_cache
+        self.new_k: list[torch.Tensor] = []
+        self.new_v: list[torch.Tensor] = []
+
+    def layer_view(self, layer: int) -> int:
+        return layer
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        self.new_k.append(k)
+        self.new_v.append(v)
+        B, L = self.slots.shape
+        hkv, d = k.shape[1], k.shape[2]
+        flat = self.slots.reshape(-1)
+
+        def context(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:           # (B, Hkv, L + 1, D)
+            old = cache[layer].index_select(0, flat).view(B, L, hkv, d).to(q.dtype)
+            return torch.cat([old, new.view(B, 1, hkv, d)], 1).transpose(1, 2)
+
+        # The H / Hkv query heads sharing a kv head are that head's query rows, as in paged.attention.
+        o = F.scaled_dot_product_attention(q.view(B, hkv, -1, d), context(self.k_cache, k),
+                                           context(self.v_cache, v), attn_mask=self.mask)
+        return o.reshape(B, -1, d)
+
+
+class DecodeForward(nn.Module):
+    """Transformer.forward over a decode-only step -> (logits, new keys, new values), (layers, B, Hkv, D) each."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, positions, rows, slots, mask, k_cache, v_cache):
+        batch = DecodeGraphBatch(positions, slots, mask, k_cache, v_cache)
+        logits = self.model(ids, batch, rows=rows)
+        return logits, torch.stack(batch.new_k), torch.stack(batch.new_v)
+
+
 class StepForward(nn.Module):
     """Transformer.forward / logits_and_draft_states over a paged step, as one module for torch.compile."""
 
@@ -96,27 +148,59 @@ def why_not(cfg: ServeConfig, num_speculative: int) -> str | None:
     """Why serving cannot compile with this configuration, or None when it can."""
     if not available():
         return f"torch {torch.__version__} lacks opaque objects for custom ops (torch >= 2.10 has them)"
-    if cfg.quantization != "none":
-        return "int8 weights run eagerly (their kernel choice per row count is not compiled yet)"
     if num_speculative:
         return "speculative decoding runs eagerly (its draft heads are not compiled yet)"
     return None
 
 
-def compile_step(model: Transformer):
-    """The compiled step: call it as StepForward's forward. Weights are frozen into the graph (serving never
-    changes them), which lets inductor prepack them. A graph compiles at the first call of each shape class:
-    one token; one sequence of several; several sequences (token and row counts marked dynamic, so any count
-    of two or more shares a graph)."""
-    compiled = torch.compile(StepForward(model))
+class CompiledStep:
+    """The compiled forward of a serving step. Weights are frozen into the graphs (serving never changes them),
+    which lets inductor prepack them; with `autotune`, inductor also times its own C++ GEMM templates against
+    the library kernels per weight shape at compile time and keeps the faster (for int8 weights at a few rows
+    its template read the weights ~2x faster than torch._weight_int8pack_mm here; only the one-token graph,
+    see below). A graph compiles at the first call of each shape class: one token; one sequence of several;
+    several sequences (token and row counts marked dynamic, so any count of two or more shares a graph); and
+    for `decode`, one sequence or several."""
 
-    def step(ids, positions, rows, ref, heads):
-        for t in (ids, positions, rows):
-            if t.shape[0] > 1:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
+    def __init__(self, model: Transformer, autotune: bool = True):
+        # The engine owns the model and never changes it once compiled, so the guards that re-check every module
+        # attribute before each call (~0.7 ms a step for this model) are dropped; input and shape guards stay.
+        skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+        opts = {"guard_filter_fn": skip} if skip else {}
+        self.general = torch.compile(StepForward(model), options=opts)
+        self.decoder = torch.compile(DecodeForward(model), options=opts)
         # Freezing is read from inductor's global config as a graph compiles (compile options do not reach it),
         # so it is on around each call only. The FX graph cache is off: with frozen weights it would pickle every
         # weight to disk per graph.
-        with torch._inductor.config.patch(freezing=True, fx_graph_cache=False):
-            return compiled(ids, positions, rows, ref, heads)
-    return step
+        self.options = dict(freezing=True, fx_graph_cache=False)
+        # Autotuning times each GEMM at one row count per graph, and a graph of dynamic row counts runs what won
+        # there at every count: a template tuned on a 512-token prefill ran 1.3x slower than oneDNN, one tuned
+        # on 2-row decode steps ran 16-row ones 2x slower. So only the one-token decode graph is autotuned: its
+        # row count is fixed, and its matmuls, bound by reading the weights, gain most (1.5-2x here).
+        self.decode_options = dict(self.options, max_autotune_gemm=autotune, autotune_num_choices_displayed=0)
+
+    def __call__(self, ids, positions, rows, ref: StepRef, heads: int):
+        """StepForward's forward: any step, attention by the eager custom op."""
+        self._dynamic(ids, positions, rows)
+        with torch._inductor.config.patch(**self.options):
+            return self.general(ids, positions, rows, ref, heads)
+
+    def decode(self, ids, positions, rows, slots, mask, k_cache, v_cache):
+        """DecodeForward's forward: a step of one new token per sequence (paged.decode_inputs), attention in
+        the graph. Returns (logits, new keys, new values); the caller writes the keys and values."""
+        self._dynamic(ids, positions, rows, slots, mask)
+        torch._dynamo.maybe_mark_dynamic(slots, 1)
+        torch._dynamo.maybe_mark_dynamic(mask, 3)
+        options = self.decode_options if ids.shape[0] == 1 else self.options
+        with torch._inductor.config.patch(**options):
+            return self.decoder(ids, positions, rows, slots, mask, k_cache, v_cache)
+
+    @staticmethod
+    def _dynamic(*tensors):
+        for t in tensors:
+            if t.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
+def compile_step(model: Transformer, autotune: bool = True) -> CompiledStep:
+    return CompiledStep(model, autotune)

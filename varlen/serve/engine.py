@@ -19,6 +19,7 @@ import torch
 from ..checkpoint import load_model
 from ..config import ModelConfig, ServeConfig
 from ..data.tokenizer import TextTokenizer
+from ..model.quant import int8_rows
 from ..model.transformer import Transformer
 from ..precision import prepare_model
 from . import compiled
@@ -55,6 +56,21 @@ class Completion:
     error: str | None = None           # why, when finish_reason is "error"
 
 
+def warmup_prompts(int8_max_rows: int | None, max_num_seqs: int) -> list[list[list[int]]]:
+    """Batches of prompts whose prefill and decode steps meet every graph a compiled forward has: one token
+    (each decode below), one sequence of several, several sequences; with int8 weights each of the last two on
+    both sides of the row count up to which the int8 kernel runs (the model branches on it)."""
+    batches = [[[1] * 5], [[2] * 6, [3] * 7]]
+    c = int8_max_rows
+    if c:
+        batches += [[[1] * (c + 1)], [[2] * c, [3]]]          # one sequence past c; several past c
+        if c >= 2:
+            batches += [[[1] * 2], [[2], [3]]]                  # one sequence of 2..c; several within c
+        if c < max_num_seqs:
+            batches += [[[4 + i] for i in range(c + 1)]]        # past c logits rows: c + 1 sequences decoding
+    return batches
+
+
 class Engine:
     def __init__(self, model: Transformer, tokenizer: TextTokenizer, cfg: ServeConfig | None = None):
         self.cfg = cfg = cfg or ServeConfig()
@@ -83,7 +99,7 @@ class Engine:
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, cfg.block_size, heads=self.num_speculative,
-                                  step_fn=None if no_compile else compiled.compile_step(model))
+                                  step_fn=None if no_compile else compiled.compile_step(model, cfg.autotune))
         self.spec_stats = SpecStats(self.num_speculative)
         self.requests: dict[str, Request] = {}
         self._emitted: dict[str, int] = {}
@@ -93,19 +109,20 @@ class Engine:
             self._compile_now()
 
     def _compile_now(self) -> None:
-        """Compile every graph serving needs before the first request rather than during it: one token, one
-        sequence of several tokens, several sequences (compiled.compile_step). If the compiler fails, serve
-        eagerly with prepacked weights instead."""
-        log.info("compiling the forward with torch.compile (1-2 minutes on a small CPU)")
+        """Compile every graph serving needs before the first request rather than during it (see
+        warmup_prompts and compiled.CompiledStep). If the compiler fails, serve eagerly with prepacked weights."""
+        log.info("compiling the forward with torch.compile (minutes on a small CPU)")
         t0 = time.perf_counter()
         params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
         try:
-            self.generate([[1] * 5], params)                      # 5 tokens in one sequence, then 1
-            self.generate([[2] * 6, [3] * 7], params)              # several sequences
+            for prompts in warmup_prompts(int8_rows(self.model), self.cfg.max_num_seqs):
+                self.generate(prompts, params)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path still serves
             log.warning("torch.compile failed (%s: %s); serving eagerly", type(e).__name__, str(e)[:300])
             self.runner.step_fn = None
-            self.precision = prepare_model(self.model, self.cfg.dtype, self.cfg.quantization)
+            from ..model.packed import pack_linears_, packs
+            if packs(next(self.model.parameters())):  # what prepare_model left plain for the compiler
+                pack_linears_(self.model)
             for req_id in list(self.requests):
                 self.abort(req_id)
             return

@@ -8,6 +8,7 @@ import torch
 
 from ..batch import PagedBatch
 from ..config import ModelConfig
+from ..model.attention import paged
 from ..model.transformer import Transformer
 from .compiled import StepRef
 from .request import Request
@@ -37,21 +38,22 @@ class SeqLogits:
 
 
 class ModelRunner:
-    """Owns the model and the KV cache tensors: one (num_blocks * block_size, Hkv, D) K and V per layer.
+    """Owns the model and the KV cache tensors: (layers, num_blocks * block_size, Hkv, D) K and V.
 
     heads > 0 drafts with the model's first `heads` MTP heads; attending heads run in every forward (they need
     their own K/V at every position, so prefill chunks run them too) and keep cache layers after the trunk's."""
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, heads: int = 0, step_fn=None):
         self.model, self.block_size, self.heads = model, block_size, heads
-        self.step_fn = step_fn  # compiled.compile_step(model), or None to run the model eagerly
+        self.step_fn = step_fn  # compiled.CompiledStep, or None to run the model eagerly
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         cfg = model.cfg
         shape = (num_blocks * block_size, cfg.n_kv_head, cfg.head_dim)
         layers = cache_layers(cfg, heads)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
+        # One tensor for all layers (k_cache[i] is layer i's): a compiled decode step takes the cache whole.
+        self.k_cache = torch.zeros((layers, *shape), dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros((layers, *shape), dtype=self.dtype, device=self.device)
         self.scratch: dict = {}  # attention's gather buffers, kept across steps (see paged._gather)
 
     @staticmethod
@@ -109,7 +111,14 @@ class ModelRunner:
         ends = np.cumsum([n for _, n in scheduled])
         rows = np.repeat(ends - np.cumsum(counts), counts) + np.arange(int(counts.sum()))
         rows_t = torch.from_numpy(rows).to(self.device)
-        if self.step_fn is not None:
+        decode = paged.decode_inputs(batch) if self.step_fn is not None and not self.heads else None
+        if decode is not None:
+            base, keys, values = self.step_fn.decode(ids, batch.positions, rows_t, *decode, self.k_cache,
+                                                     self.v_cache)
+            self.k_cache.index_copy_(1, batch.slot_mapping, keys.to(self.dtype))
+            self.v_cache.index_copy_(1, batch.slot_mapping, values.to(self.dtype))
+            states = None
+        elif self.step_fn is not None:
             out = self.step_fn(ids, batch.positions, rows_t, StepRef(batch), self.heads)
             base, states = out if self.heads else (out, None)
         elif self.heads:

@@ -149,3 +149,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBat
             return o[0].transpose(0, 1)
         out[start:start + n] = o[0].transpose(0, 1)
     return out
+
+
+def decode_inputs(batch: PagedBatch, min_keys: int = 2) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What a compiled decode step attends with, when every sequence of the step decodes one token and their
+    contexts fit one group (lengths within GROUP_SPAN); else None.
+
+    (slots, mask): slots (B, L) are the cache slots of each sequence's earlier tokens, L = the longest such
+    context (at least `min_keys`: a compiler specialises a length of 1), padding reading the sequence's first
+    slot; mask (B, 1, 1, L + 1) keeps the real ones and the last column, where the new token's own key goes
+    (it is not in the cache yet: the caller writes it after the step). A one-token prompt has no cached token:
+    its row is all padding but for that last column."""
+    seqlens, ctxs = batch.seqlens, batch.context_lens
+    if any(n != 1 for n in seqlens) or max(ctxs) > GROUP_SPAN * max(min(ctxs), 2):
+        return None
+    device = batch.context_slots.device
+    before = torch.tensor(ctxs, device=device)[:, None] - 1                    # (B, 1) cached tokens
+    start = torch.cumsum(torch.tensor([0] + ctxs[:-1], device=device), 0)[:, None]
+    L = max(min_keys, max(ctxs) - 1)
+    ar = torch.arange(L, device=device)[None, :]
+    valid = ar < before
+    slots = batch.context_slots[torch.where(valid, start + ar, start)]
+    mask = torch.cat([valid, torch.ones_like(before, dtype=torch.bool)], 1)[:, None, None, :]
+    return slots, mask
