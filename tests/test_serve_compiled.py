@@ -118,3 +118,24 @@ def _check_decode_attention(batch, q, k, v):
         assert graph.new_k[0] is k and graph.new_v[0] is v                  # handed out for the runner to write
         want = paged.attention(q, k, v, batch.layer_view(layer))          # writes k, v into the cache
         assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("c, seqs", [(None, 16), (1, 16), (3, 5), (8, 16), (16, 8)])
+def test_warmup_meets_every_graph_class(c, seqs):
+    from varlen.serve.engine import warmup_prompts
+    batches = warmup_prompts(c, seqs)
+
+    def cls(tokens, rows):  # what a graph specialises or branches on: counts of 1, and int8's row switch
+        return (tokens == 1, rows == 1, c is not None and tokens <= c, c is not None and rows <= c)
+    met = set()
+    for batch in batches:
+        met.add(("prefill", cls(sum(map(len, batch)), len(batch))))
+        met.add(("decode", cls(len(batch), len(batch))))
+    prompts = [p for batch in batches for p in batch]
+    assert len({p[0] for p in prompts}) == len(prompts)  # no prompt can hit another's prefix cache
+    lim = c or 0
+    for tokens in range(1, 40):
+        for rows in range(1, min(tokens, seqs) + 1):
+            assert ("prefill", cls(tokens, rows)) in met or tokens == 1, (tokens, rows)
+            if tokens == rows:
+                assert ("decode", cls(tokens, rows)) in met, (tokens, rows, lim)

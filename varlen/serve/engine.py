@@ -60,15 +60,17 @@ def warmup_prompts(int8_max_rows: int | None, max_num_seqs: int) -> list[list[li
     """Batches of prompts whose prefill and decode steps meet every graph a compiled forward has: one token
     (each decode below), one sequence of several, several sequences; with int8 weights each of the last two on
     both sides of the row count up to which the int8 kernel runs (the model branches on it)."""
-    batches = [[[1] * 5], [[2] * 6, [3] * 7]]
+    lengths = [[5], [6, 7]]
     c = int8_max_rows
     if c:
-        batches += [[[1] * (c + 1)], [[2] * c, [3]]]          # one sequence past c; several past c
+        lengths += [[c + 1], [c, 1]]                      # one sequence past c; several past c
         if c >= 2:
-            batches += [[[1] * 2], [[2], [3]]]                  # one sequence of 2..c; several within c
+            lengths += [[2], [1, 1]]                      # one sequence of 2..c; several within c
         if c < max_num_seqs:
-            batches += [[[4 + i] for i in range(c + 1)]]        # past c logits rows: c + 1 sequences decoding
-    return batches
+            lengths += [[1] * (c + 1)]                    # past c logits rows: c + 1 sequences decoding
+    # Every prompt its own token: none may find another's blocks in the prefix cache and prefill less.
+    token = iter(range(1, 10 ** 6))
+    return [[[next(token)] * n for n in batch] for batch in lengths]
 
 
 class Engine:
