@@ -43,7 +43,10 @@ def test_compiled_engine_equals_eager_and_compiles_only_at_start(model, tokenize
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
     batch = prompts(9)
     want = eager.generate(batch, params)
+    decode, steps = comp.runner.step_fn.decode, []
+    comp.runner.step_fn.decode = lambda *a: steps.append(a[0].shape[0]) or decode(*a)
     got = comp.generate(batch, params)
+    assert steps and max(steps) > 1, "no decode step (of several sequences) ran the in-graph attention"
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a graph compiled while serving"
     for w, g in zip(want, got):
         assert g[0].token_ids == w[0].token_ids
