@@ -200,7 +200,3 @@ class CompiledStep:
         for t in tensors:
             if t.shape[0] > 1:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
-
-
-def compile_step(model: Transformer, autotune: bool = True) -> CompiledStep:
-    return CompiledStep(model, autotune)

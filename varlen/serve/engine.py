@@ -101,7 +101,7 @@ class Engine:
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, cfg.block_size, heads=self.num_speculative,
-                                  step_fn=None if no_compile else compiled.compile_step(model, cfg.autotune))
+                                  step_fn=None if no_compile else compiled.CompiledStep(model, cfg.autotune))
         self.spec_stats = SpecStats(self.num_speculative)
         self.requests: dict[str, Request] = {}
         self._emitted: dict[str, int] = {}
