@@ -1,8 +1,8 @@
 """The serving engine eager (packed weights) vs compiled (`--compile`), in one process, on the serve_engines model.
 
 Both engines serve the same seeded SmolLM-135M-shape model (built and cached by serve_engines.py) in the same
-dtype. Each round times, for each engine in turn: batch-1 decode steps, 16-way decode steps and one prefill
-chunk; rounds interleave the engines so drift of a shared machine hits both alike, and medians are reported
+dtype. Each round times, for each engine in turn: batch-1 decode steps, 16-way decode steps (of equal contexts,
+and of contexts spread like serve_engines' workload) and one prefill chunk; rounds interleave the engines so drift of a shared machine hits both alike, and medians are reported
 with each engine's spread. No HTTP: `Engine.step` in a loop, so this isolates the forward. The greedy tokens of
 a few requests are compared between the two engines at the end.
 
@@ -25,7 +25,8 @@ from serve_engines import SMOLLM, TINY, build_model, build_tokenizer, stdlib_tex
 def timed_steps(engine, prompts: list[list[int]], steps: int) -> float:
     """Seconds per decode step with these prompts running (prefilled and two steps in first, untimed)."""
     from varlen.serve.request import SamplingParams
-    params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
+    # Room for every prompt's prefill steps too: nobody finishes before the timed steps end.
+    params = SamplingParams(max_tokens=steps + 8 + sum(map(len, prompts)) // 64, temperature=0, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
     while any(engine.requests[r].num_computed < len(engine.requests[r].prompt_ids) for r in ids):
         engine.step()
@@ -96,13 +97,17 @@ def main() -> None:
     def prompt(n: int) -> list[int]:
         return torch.randint(1, vocab, (n,), generator=g).tolist()
 
-    times = {name: {"batch-1 decode step": [], "16-way decode step": [], f"{args.prefill}-token prefill": []}
-             for name in engines}
+    mixed = "16-way decode, mixed contexts"
+    times = {name: {"batch-1 decode step": [], "16-way decode step": [], mixed: [],
+                    f"{args.prefill}-token prefill": []} for name in engines}
     for rnd in range(args.rounds):
         for name, eng in engines.items():
             t = times[name]
             t["batch-1 decode step"].append(timed_steps(eng, [prompt(66)], 20))
             t["16-way decode step"].append(timed_steps(eng, [prompt(66) for _ in range(16)], 8))
+            # Contexts spread as the serve_engines workload's are (prompts of 9-725 tokens).
+            lens = torch.randint(9, 726, (16,), generator=g).tolist()
+            t[mixed].append(timed_steps(eng, [prompt(n) for n in lens], 8))
             t[f"{args.prefill}-token prefill"].append(prefill_chunk(eng, prompt(args.prefill)))
         print(f"round {rnd + 1}/{args.rounds} done", flush=True)
 

@@ -89,17 +89,17 @@ def test_decode_inputs_pad_each_context_and_keep_the_new_key():
     from varlen.model.attention import paged
     batch, *_ = _decode_step([4, 6, 3])
     slots, mask = paged.decode_inputs(batch)
-    assert slots.shape == (3, 5) and mask.shape == (3, 1, 1, 6)
+    assert slots.shape == (3, 5) and mask.shape == (3, 5)
     cs = batch.context_slots
     assert slots[1].tolist() == cs[4:9].tolist()                          # the 5 cached tokens of sequence 1
     assert slots[0, :3].tolist() == cs[0:3].tolist() and slots[0, 3:].tolist() == [int(cs[0])] * 2
-    assert mask[:, 0, 0].tolist() == [[True] * 3 + [False] * 2 + [True], [True] * 6,
-                                      [True] * 2 + [False] * 3 + [True]]
+    assert mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5, [True] * 2 + [False] * 3]
     assert paged.decode_inputs(_decode_step([2])[0])[0].shape == (1, 2)   # at least 2 keys: no size-1 graph
     slots, mask = paged.decode_inputs(_decode_step([1, 3])[0])             # a one-token prompt: its own key only
-    assert mask[0, 0, 0].tolist() == [False, False, True]
-    # Not a decode-only step of one group: contexts too far apart, or a sequence of two new tokens.
-    assert paged.decode_inputs(_decode_step([3, 40])[0]) is None
+    assert mask[0].tolist() == [False, False]
+    # Not for the graph: padding past DECODE_PADDING keys per real one, or a sequence of two new tokens.
+    assert paged.decode_inputs(_decode_step([3, 40])[0]) is not None      # 80 padded keys for 43 real ones
+    assert paged.decode_inputs(_decode_step([3, 3, 3, 40])[0]) is None    # 160 for 49
     two = _decode_step([5, 6])[0]
     two._plan["seqlens"] = [2, 1]
     assert paged.decode_inputs(two) is None

@@ -6,9 +6,9 @@ the weights frozen, prepacks every bf16 matmul for oneDNN itself (what packed.py
 path).
 
 Two families of graphs:
-- decode (DecodeForward): every sequence of the step decodes one token and their contexts fit one padded
-  group (paged.decode_inputs). Attention runs inside the graph, so no Python runs per layer; the new keys and
-  values come out of the graph and the runner writes them to the cache. Inductor autotunes the one-token
+- decode (DecodeForward): every sequence of the step decodes one token and their contexts, padded to the
+  longest, are mostly real (paged.decode_inputs). Attention runs inside the graph, so no Python runs per
+  layer; the new keys and values come out of the graph and the runner writes them to the cache. Inductor autotunes the one-token
   graph's GEMMs (its own C++ templates against the library kernels): 1.5-2x faster batch-1 matmuls here.
 - general (StepForward): any other step (prefill chunks, mixed steps, speculative verification). The paged
   attention stays the eager code of model/attention/paged.py, called from the graph as one custom op whose
@@ -26,7 +26,6 @@ import logging
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..batch import PagedBatch
 from ..config import ServeConfig
@@ -85,10 +84,15 @@ class GraphBatch:
 
 
 class DecodeGraphBatch:
-    """A step where every sequence decodes one token, attended inside the graph (no Python per layer): each
-    layer gathers the sequences' cached keys and values (paged.decode_inputs), appends the new token's own, and
-    runs one SDPA over all sequences. The graph never writes the cache; it returns every layer's new keys and
-    values for the runner to write after the step (an in-graph write would be a mutation of a graph input)."""
+    """A step where every sequence decodes one token, attended inside the graph (no Python per layer).
+
+    Written as elementwise products and sums over cache rows indexed by slot, not as gather + SDPA: inductor
+    fuses the indexing into its loops, so each layer reads every cached key and value once, in place, into
+    fp32 accumulators, where gather + SDPA copies them out and CPU SDPA then runs a tiny GEMM per sequence and
+    head (2-3x slower per layer on a 16-sequence step here). Padding (contexts shorter than the longest) costs
+    compute on reads of one cached row, not memory traffic; paged.decode_inputs bounds it. The graph never
+    writes the cache; it returns every layer's new keys and values for the runner to write after the step (an
+    in-graph write would be a mutation of a graph input)."""
 
     def __init__(self, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor):
@@ -102,18 +106,20 @@ class DecodeGraphBatch:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         self.new_k.append(k)
         self.new_v.append(v)
-        B, L = self.slots.shape
+        B = self.slots.shape[0]
         hkv, d = k.shape[1], k.shape[2]
-        flat = self.slots.reshape(-1)
-
-        def context(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:           # (B, Hkv, L + 1, D)
-            old = cache[layer].index_select(0, flat).view(B, L, hkv, d).to(q.dtype)
-            return torch.cat([old, new.view(B, 1, hkv, d)], 1).transpose(1, 2)
-
-        # The H / Hkv query heads sharing a kv head are that head's query rows, as in paged.attention.
-        o = F.scaled_dot_product_attention(q.view(B, hkv, -1, d), context(self.k_cache, k),
-                                           context(self.v_cache, v), attn_mask=self.mask)
-        return o.reshape(B, -1, d)
+        # The H / Hkv query heads sharing a kv head (r of them) are read against that head's keys once.
+        qg = q.view(B, 1, hkv, -1, d).float() * d ** -0.5                            # (B, 1, Hkv, r, D)
+        # Stored once: inductor inlines pointwise producers into their consumers, and would recompute the query
+        # (its RoPE: pow, cos) for every cached key (2x slower steps here). as_strided needs a stored input.
+        qg = torch.as_strided(qg, qg.shape, qg.stride())
+        keys = self.k_cache[layer][self.slots].float().unsqueeze(3)                   # (B, L, Hkv, 1, D)
+        old = (qg * keys).sum(-1).masked_fill(~self.mask[:, :, None, None], float("-inf"))  # (B, L, Hkv, r)
+        scores = torch.cat([old, (qg * k.view(B, 1, hkv, 1, d).float()).sum(-1)], 1)  # + the new token's key
+        p = torch.softmax(scores, 1).unsqueeze(-1)
+        values = self.v_cache[layer][self.slots].float().unsqueeze(3)
+        o = (p[:, :-1] * values).sum(1) + p[:, -1] * v.view(B, hkv, 1, d).float()    # (B, Hkv, r, D)
+        return o.reshape(B, -1, d).to(q.dtype)
 
 
 class DecodeForward(nn.Module):
@@ -190,7 +196,7 @@ class CompiledStep:
         the graph. Returns (logits, new keys, new values); the caller writes the keys and values."""
         self._dynamic(ids, positions, rows, slots, mask)
         torch._dynamo.maybe_mark_dynamic(slots, 1)
-        torch._dynamo.maybe_mark_dynamic(mask, 3)
+        torch._dynamo.maybe_mark_dynamic(mask, 1)
         options = self.decode_options if ids.shape[0] == 1 else self.options
         with torch._inductor.config.patch(**options):
             return self.decoder(ids, positions, rows, slots, mask, k_cache, v_cache)

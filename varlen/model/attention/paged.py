@@ -23,6 +23,9 @@ from ...batch import PagedBatch
 
 GROUP_SPAN = 2.0  # a decode group's longest context is at most this many times its shortest
 MAX_GROUP_QUERIES = 8  # sequences with at most this many new tokens after a cached context are batched
+# A compiled decode step pads every context to the longest; past this many padded keys per real one, the
+# eager length groups cost less (the in-graph attention computes on padding, ~1/3 the cost per key here).
+DECODE_PADDING = 3.0
 
 
 def _is_grouped(n: int, ctx: int) -> bool:
@@ -152,16 +155,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBat
 
 
 def decode_inputs(batch: PagedBatch, min_keys: int = 2) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """What a compiled decode step attends with, when every sequence of the step decodes one token and their
-    contexts fit one group (lengths within GROUP_SPAN); else None.
+    """What a compiled decode step attends with, when every sequence of the step decodes one token and, padded
+    to the longest, their contexts hold at most DECODE_PADDING keys per real one; else None.
 
     (slots, mask): slots (B, L) are the cache slots of each sequence's earlier tokens, L = the longest such
     context (at least `min_keys`: a compiler specialises a length of 1), padding reading the sequence's first
-    slot; mask (B, 1, 1, L + 1) keeps the real ones and the last column, where the new token's own key goes
-    (it is not in the cache yet: the caller writes it after the step). A one-token prompt has no cached token:
-    its row is all padding but for that last column."""
+    slot, which mask (B, L) marks False. The new token's own key is not in the cache yet (the caller writes it
+    after the step) and always attended. A one-token prompt has no cached token: its row is all padding."""
     seqlens, ctxs = batch.seqlens, batch.context_lens
-    if any(n != 1 for n in seqlens) or max(ctxs) > GROUP_SPAN * max(min(ctxs), 2):
+    if any(n != 1 for n in seqlens) or len(ctxs) * max(ctxs) > DECODE_PADDING * sum(ctxs):
         return None
     device = batch.context_slots.device
     before = torch.tensor(ctxs, device=device)[:, None] - 1                    # (B, 1) cached tokens
@@ -170,5 +172,4 @@ def decode_inputs(batch: PagedBatch, min_keys: int = 2) -> tuple[torch.Tensor, t
     ar = torch.arange(L, device=device)[None, :]
     valid = ar < before
     slots = batch.context_slots[torch.where(valid, start + ar, start)]
-    mask = torch.cat([valid, torch.ones_like(before, dtype=torch.bool)], 1)[:, None, None, :]
-    return slots, mask
+    return slots, valid
