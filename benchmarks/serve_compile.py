@@ -2,9 +2,10 @@
 
 Both engines serve the same seeded SmolLM-135M-shape model (built and cached by serve_engines.py) in the same
 dtype. Each round times, for each engine in turn: batch-1 decode steps, 16-way decode steps (of equal contexts,
-and of contexts spread like serve_engines' workload) and one prefill chunk; rounds interleave the engines so drift of a shared machine hits both alike, and medians are reported
-with each engine's spread. No HTTP: `Engine.step` in a loop, so this isolates the forward. The greedy tokens of
-a few requests are compared between the two engines at the end.
+and of contexts spread like serve_engines' workload) and one prefill chunk; rounds interleave the engines so
+drift of a shared machine hits both alike, and medians are reported with each engine's spread. No HTTP:
+`Engine.step` in a loop, so this isolates the forward. The greedy tokens of a few requests are compared between
+the two engines at the end.
 
     .venv/bin/python benchmarks/serve_compile.py [--dtype auto] [--quantization none|int8] [--rounds 3]
 """

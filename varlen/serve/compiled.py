@@ -8,8 +8,9 @@ path).
 Two families of graphs:
 - decode (DecodeForward): every sequence of the step decodes one token and their contexts, padded to the
   longest, are mostly real (paged.decode_inputs). Attention runs inside the graph, so no Python runs per
-  layer; the new keys and values come out of the graph and the runner writes them to the cache. Inductor autotunes the one-token
-  graph's GEMMs (its own C++ templates against the library kernels): 1.5-2x faster batch-1 matmuls here.
+  layer; the new keys and values come out of the graph and the runner writes them to the cache. Inductor
+  autotunes the one-token graph's GEMMs (its own C++ templates against the library kernels): 1.5-2x faster
+  batch-1 matmuls here.
 - general (StepForward): any other step (prefill chunks, mixed steps, speculative verification). The paged
   attention stays the eager code of model/attention/paged.py, called from the graph as one custom op whose
   plan changes every step; the step's PagedBatch reaches it as an opaque reference
