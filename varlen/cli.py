@@ -316,28 +316,45 @@ def cmd_bench_calibrate(args: argparse.Namespace, overrides: dict[str, str]) -> 
     import torch
 
     from .config import load_config
-    from .train.calibrate import calibrate, save
+    from .train.calibrate import calibrate, calibrate_comm, save
 
     cfg = load_config(args.preset, args.config, overrides)
+    if args.lengths is None:  # the default lengths the model can take, and its longest
+        longest = cfg.model.max_seq_len
+        args.lengths = ",".join(str(L) for L in sorted({L for L in (128, 512, 1024, 2048) if L < longest} | {longest}))
     try:
         lengths = sorted({int(x) for x in args.lengths.split(",")})
     except ValueError:
         raise ConfigError(f"--lengths {args.lengths!r} must be comma-separated integers, e.g. 256,1024,4096") from None
     if not lengths or lengths[0] < 1:
         raise ConfigError(f"--lengths {args.lengths!r} needs positive lengths, e.g. 256,1024,4096")
+    try:
+        mib = sorted({float(x) for x in args.comm_mib.split(",")})
+    except ValueError:
+        raise ConfigError(f"--comm-mib {args.comm_mib!r} must be comma-separated sizes in MiB, e.g. 1,4,16") from None
+    if not mib or mib[0] <= 0:
+        raise ConfigError(f"--comm-mib {args.comm_mib!r} needs positive sizes, e.g. 1,4,16")
+    if args.comm_ranks == 1 or args.comm_ranks < 0:
+        raise ConfigError(f"--comm-ranks {args.comm_ranks} must be 2 or more processes (0 skips the all-to-all)")
     if args.threads:
         torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     log(f"timing forward+backward, {args.tokens:,} tokens per row, {torch.get_num_threads()} threads "
         f"(dim {cfg.model.dim}, {cfg.model.n_layer} layers):")
     cost, rows = calibrate(cfg.model, lengths, args.tokens, args.repeats, log=log)
-    out = save(args.out, cost, cfg.model, rows)
+    c, comm = 0.0, None
+    if args.comm_ranks:
+        log(f"timing all-to-all between {args.comm_ranks} gloo processes (sequence parallelism's exchange):")
+        c, comm = calibrate_comm(cfg.model, args.comm_ranks, mib, log=log)
+    out = save(args.out, cost, cfg.model, rows, c, comm)
     worst = max(abs(cost(r["length"]) / r["seconds_per_seq"] - 1) for r in rows)
     if cost.b == 0:
         log("warning: the timings show no quadratic (attention) term, so the fit set b = 0; the machine may "
             "have been busy, or the lengths too short: rerun, or add a longer --lengths value")
+    comm_text = (f"all-to-all c = {c:.4g} s per token leaving a rank ({c / max(cost.a, 1e-30):.3g}x a token's "
+                 f"linear compute)" if comm else "all-to-all not timed (c = 0)")
     print(f"cost(L) = {cost.a:.4g} L + {cost.b:.4g} L^2 seconds (b/a = {cost.b / max(cost.a, 1e-30):.3g}); "
-          f"worst fit error {100 * worst:.1f}%; saved {out} (use with --data.cost_model {out})")
+          f"worst fit error {100 * worst:.1f}%; {comm_text}; saved {out} (use with --data.cost_model {out})")
     return 0
 
 
@@ -457,15 +474,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="measure this machine")
     bsub = b.add_subparsers(dest="bench_command", required=True)
-    bc = bsub.add_parser("calibrate", help="fit the load-balancing cost model a*L + b*L^2 from timed "
-                         "forward+backward passes; model fields as --model.dim 256 etc.")
+    bc = bsub.add_parser("calibrate", help="fit the cost model a*L + b*L^2 (timed forward+backward passes) "
+                         "and c (a timed all-to-all) of balancing and sequence-parallel planning; model fields "
+                         "as --model.dim 256 etc.")
     bc.add_argument("--config", help="YAML config file (applied over the preset)")
     bc.add_argument("--preset", default="tiny", help="preset in configs/ (default: tiny)")
-    bc.add_argument("--lengths", default="128,512,1024,2048", help="sequence lengths to time")
+    bc.add_argument("--lengths", help="sequence lengths to time (default 128,512,1024,2048, those up to "
+                    "model.max_seq_len, and max_seq_len)")
     bc.add_argument("--tokens", type=int, default=8192, help="tokens per timed row (default 8192)")
     bc.add_argument("--repeats", type=int, default=3)
     bc.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    bc.add_argument("--out", default="cost_model.json", help="where to save a and b (default cost_model.json)")
+    bc.add_argument("--comm-ranks", type=int, default=2,
+                    help="gloo processes that time the all-to-all of sequence parallelism (0 = skip; default 2)")
+    bc.add_argument("--comm-mib", default="1,4,16", help="all-to-all send sizes per rank, MiB (default 1,4,16)")
+    bc.add_argument("--out", default="cost_model.json", help="where to save a, b and c (default cost_model.json)")
     bc.set_defaults(fn=cmd_bench_calibrate)
 
     pl = sub.add_parser("plot", help="draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl")

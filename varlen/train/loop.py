@@ -260,8 +260,8 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
     # Rank 0 measures for all (ranks share a machine's cores; probes at once would disturb each other).
     peak = mfu.matmul_peak(precision.dtype, device.type, torch.get_num_threads()) if env.is_master else 0.0
     peak_flops = dist.sum_across(env, peak) * env.world_size
-    # The FLOP model prices sequence parallelism's all-to-all too (sp_plan.SPCost); a calibrated one has no
-    # communication term yet (the planner then treats it as free).
+    # Both models price sequence parallelism's all-to-all too (sp_plan.SPCost): the FLOP model by an assumed
+    # link speed, a calibrated one by a timed all-to-all (`varlen bench calibrate`).
     cost = calibrate.load(cfg.data.cost_model) if cfg.data.cost_model else SPCost.from_flops(cfg.model)
     assign = dist.assigner(cfg.data.balance, cost)
     sp = dist.sp_layout(cfg.dist.sp, cfg.data.rank_tokens, cfg.model.max_seq_len, cfg.model.n_head, env, capacity)
