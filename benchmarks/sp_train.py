@@ -28,6 +28,7 @@ communication) and with c estimated from an assumed interconnect (printed with i
 
     .venv/bin/python benchmarks/sp_train.py                       # 16k only, ~5 minutes on 2 cores
     .venv/bin/python benchmarks/sp_train.py --contexts 16384,32768
+    .venv/bin/python benchmarks/sp_train.py --cost-model cost.json   # real runs plan by `varlen bench calibrate`
 """
 from __future__ import annotations
 
@@ -109,14 +110,15 @@ def watch_rss(proc: subprocess.Popen, peaks: dict[str, int], stop: threading.Eve
         stop.wait(0.1)
 
 
-def run(out: Path, nproc: int, opts: list[str], context: int, steps: int) -> tuple[list[str], list[dict], dict]:
+def run(out: Path, nproc: int, opts: list[str], context: int, steps: int,
+        extra: list[str]) -> tuple[list[str], list[dict], dict]:
     cmd = [sys.executable, "-m", "varlen", "train", "--nproc", str(nproc), "--out", str(out), "--no-progress",
            "--train.threads", "1", "--train.dtype", "float32", "--train.max_steps", str(steps),
            "--train.eval_every", "0", "--train.ckpt_every", "0", "--train.warmup_steps", "1",
            "--data.tokens_per_step", str(2 * context)]
     for k, v in MODEL.items():
         cmd += [f"--{k}", v]
-    cmd += opts
+    cmd += opts + extra
     print(f"  [{load()}] $ {' '.join(cmd)}", flush=True)
     peaks: dict[str, int] = {}
     stop = threading.Event()
@@ -135,7 +137,8 @@ def run(out: Path, nproc: int, opts: list[str], context: int, steps: int) -> tup
     return cmd, rows, peaks
 
 
-def real_runs(contexts: list[int], steps: int, lengths: np.ndarray, tmp: Path) -> tuple[list[dict], list[str]]:
+def real_runs(contexts: list[int], steps: int, lengths: np.ndarray, tmp: Path,
+              extra: list[str]) -> tuple[list[dict], list[str]]:
     results, commands = [], []
     hdr = (f"{'context':>7} {'config':>9} {'s/step':>7} {'steps(s)':>24} {'peak RSS/rank MiB':>18} "
            f"{'x single':>8} {'full-ctx share':>14} {'SP steps':>8}  load")
@@ -143,7 +146,7 @@ def real_runs(contexts: list[int], steps: int, lengths: np.ndarray, tmp: Path) -
         print(f"context {context}:")
         rows_out = []
         for name, (nproc, opts) in configs(context).items():
-            cmd, rows, peaks = run(tmp / f"{context}-{name}", nproc, opts, context, steps)
+            cmd, rows, peaks = run(tmp / f"{context}-{name}", nproc, opts, context, steps, extra)
             commands.append(" ".join(cmd))
             t = np.diff([0.0] + [r["time"] for r in rows])[1:]
             rank_rss = {k: v for k, v in peaks.items() if k != "main"} or peaks
@@ -283,6 +286,8 @@ def main() -> None:
     ap.add_argument("--sim-steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--cost-model", help="a `varlen bench calibrate` file for the real runs' planning and "
+                    "balancing (default: the FLOP cost model)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="sp_train")
     args = ap.parse_args()
@@ -303,7 +308,9 @@ def main() -> None:
               f"4 heads (2 KV), float32, {args.steps} steps (median s/step over steps 2..{args.steps}), "
               f"tokens per step 2 x context")
         with tempfile.TemporaryDirectory() as tmp:
-            real, commands = real_runs([int(x) for x in args.contexts.split(",")], args.steps, lengths, Path(tmp))
+            extra = ["--data.cost_model", args.cost_model] if args.cost_model else []
+            real, commands = real_runs([int(x) for x in args.contexts.split(",")], args.steps, lengths, Path(tmp),
+                                       extra)
     print(f"\nPart 2: planner simulation ({args.sim_steps} sampled steps per point, seed {args.seed}) [{load()}]")
     sim, note = simulate(lengths, [int(x) for x in args.sim_contexts.split(",")],
                          [int(x) for x in args.sim_ranks.split(",")], args.sim_steps, args.seed)
