@@ -45,6 +45,8 @@ def test_calibrate_cli_saves_a_model_training_can_load(tmp_path, capsys):
     cfg = ModelConfig(dim=32, n_layer=1, n_head=2, n_kv_head=1, max_seq_len=64)
     assert cost.c > 0 and cost.c == pytest.approx(doc["comm"]["seconds_per_byte"] * a2a_bytes_per_token(cfg))
     assert cost.seq_time(64, 2) > cost(64) / 2  # splitting a sequence now costs its exchange
+    # Training in bf16 autocast moves 2-byte activations: half the bytes, half the c.
+    assert load(out, cfg, element_bytes=2).c == pytest.approx(cost.c / 2)
     assert str(out) in capsys.readouterr().out
 
 

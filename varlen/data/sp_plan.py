@@ -53,17 +53,18 @@ class SPCost(CostModel):
         return cls(cost.a, cost.b, c)
 
     @classmethod
-    def from_flops(cls, cfg, flops_per_byte: float = COMM_FLOPS_PER_BYTE) -> "SPCost":
+    def from_flops(cls, cfg, flops_per_byte: float = COMM_FLOPS_PER_BYTE, element_bytes: int = 4) -> "SPCost":
         """CostModel.from_flops plus the all-to-all in FLOP-equivalents, priced at `flops_per_byte` (the
         compute one byte on the link costs: an assumption; `varlen bench calibrate` measures it)."""
         cost = CostModel.from_flops(cfg)
-        return cls(cost.a, cost.b, a2a_bytes_per_token(cfg) * flops_per_byte)
+        return cls(cost.a, cost.b, a2a_bytes_per_token(cfg, element_bytes) * flops_per_byte)
 
 
-def a2a_bytes_per_token(cfg) -> float:
+def a2a_bytes_per_token(cfg, element_bytes: int = 4) -> float:
     """Bytes one token sends through Ulysses' all-to-alls in a training step: per layer, forward sends its q, k,
-    v and receives its output (2H + 2Hkv heads of head_dim), backward the same again, in 4-byte elements."""
-    return 4.0 * 2 * (2 * cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim * cfg.n_layer
+    v and receives its output (2H + 2Hkv heads of head_dim), backward the same again, in elements of
+    `element_bytes` (4 in fp32; 2 under bf16 autocast, whose projections give bf16 q, k and v)."""
+    return element_bytes * 2 * (2 * cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim * cfg.n_layer
 
 
 @dataclass(frozen=True)

@@ -150,12 +150,17 @@ def save(path: str | Path, cost: CostModel, cfg: ModelConfig, rows: list[dict], 
     return path
 
 
-def load(path: str | Path) -> SPCost:
-    """A cost model saved by `varlen bench calibrate` (c = 0, communication free, in one saved without it)."""
+def load(path: str | Path, cfg: ModelConfig | None = None, element_bytes: int = 4) -> SPCost:
+    """A cost model saved by `varlen bench calibrate`. Its c is for 4-byte elements of the model it timed; given
+    the training model and its activations' element size, c is the timed seconds per byte times what that model
+    sends. A file saved without an all-to-all timing gives c = 0 (communication free)."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
-        return SPCost(float(doc["a"]), float(doc["b"]), float(doc.get("c") or 0.0))
+        c = float(doc.get("c") or 0.0)
+        if doc.get("comm") and cfg is not None:
+            c = float(doc["comm"]["seconds_per_byte"]) * a2a_bytes_per_token(cfg, element_bytes)
+        return SPCost(float(doc["a"]), float(doc["b"]), c)
     except FileNotFoundError:
         raise ConfigError(f"data.cost_model {path} not found; run `varlen bench calibrate --out {path}` or "
                           f"leave data.cost_model empty for the FLOP-count model") from None

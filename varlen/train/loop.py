@@ -262,7 +262,9 @@ def setup(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[
     peak_flops = dist.sum_across(env, peak) * env.world_size
     # Both models price sequence parallelism's all-to-all too (sp_plan.SPCost): the FLOP model by an assumed
     # link speed, a calibrated one by a timed all-to-all (`varlen bench calibrate`).
-    cost = calibrate.load(cfg.data.cost_model) if cfg.data.cost_model else SPCost.from_flops(cfg.model)
+    act_bytes = torch.finfo(precision.dtype).bits // 8  # what the all-to-all moves per element
+    cost = (calibrate.load(cfg.data.cost_model, cfg.model, act_bytes) if cfg.data.cost_model
+            else SPCost.from_flops(cfg.model, element_bytes=act_bytes))
     assign = dist.assigner(cfg.data.balance, cost)
     sp = dist.sp_layout(cfg.dist.sp, cfg.data.rank_tokens, cfg.model.max_seq_len, cfg.model.n_head, env, capacity)
     step_model: torch.nn.Module = model
