@@ -270,21 +270,22 @@ class Transformer(nn.Module):
         outs = self.mtp(x, cos, sin, batch, attend)  # k x (T, dim), before the shared final norm
         return base, [self.project(self.norm(o if rows is None else o[rows])) for o in outs]
 
-    def logits_and_draft_states(self, ids: torch.Tensor, batch: Batch, rows: torch.Tensor, num_heads: int,
+    def logits_and_draft_states(self, ids: torch.Tensor, batch: Batch, rows: torch.Tensor | None, num_heads: int,
                                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Serving with speculative decoding: base logits at `rows` (as forward gives them) and, for each row,
         what draft_logits turns into the first num_heads heads' logits there: (rows, num_heads, dim) head
         outputs for attending heads, which must run on every token to fill their cache layers n_layer + j - 1;
         (rows, 1, dim) trunk states for mlp heads, which run later and only on the row a request drafts from
-        (known only after verification). None when num_heads is 0."""
+        (known only after verification). None when num_heads is 0. rows None: every position."""
         x, (cos, sin, attend) = self.trunk(ids, batch)
-        base = self.project(self.norm(x)[rows])
+        at = (lambda t: t) if rows is None else (lambda t: t[rows])
+        base = self.project(at(self.norm(x)))
         if not num_heads:
             return base, None
         if not self.mtp.attends:
-            return base, x[rows][:, None]
+            return base, at(x)[:, None]
         outs = self.mtp(x, cos, sin, batch, attend, num_heads)
-        return base, torch.stack([o[rows] for o in outs], dim=1)
+        return base, torch.stack([at(o) for o in outs], dim=1)
 
     def draft_logits(self, states: torch.Tensor, num_heads: int) -> torch.Tensor:
         """(n, S, dim) rows of logits_and_draft_states' states -> (n, num_heads, vocab), head j at j - 1."""

@@ -6,12 +6,13 @@ the weights frozen, prepacks every bf16 matmul for oneDNN itself (what packed.py
 path).
 
 Two families of graphs:
-- decode (DecodeForward): every sequence of the step decodes one token and their contexts, padded to the
-  longest, are mostly real (paged.decode_inputs). Attention runs inside the graph, so no Python runs per
-  layer; the new keys and values come out of the graph and the runner writes them to the cache. Inductor
-  autotunes the one-token graph's GEMMs (its own C++ templates against the library kernels): 1.5-2x faster
-  batch-1 matmuls here.
-- general (StepForward): any other step (prefill chunks, mixed steps, speculative verification). The paged
+- decode (DecodeForward): every sequence of the step runs the same few new tokens (one when decoding; the
+  last token and its drafts when verifying speculative drafts) and their contexts, padded to the longest, are
+  mostly real (paged.decode_inputs). Attention runs inside the graph, so no Python runs per layer; the new
+  keys and values come out of the graph and the runner writes them to the cache. Inductor autotunes the
+  one-token graph's GEMMs (its own C++ templates against the library kernels): 1.5-2x faster batch-1 matmuls
+  here. The count of new tokens per sequence is static (one graph per count: 1 to 1 + drafts).
+- general (StepForward): any other step (prefill chunks, mixed steps, uneven draft counts). The paged
   attention stays the eager code of model/attention/paged.py, called from the graph as one custom op whose
   plan changes every step; the step's PagedBatch reaches it as an opaque reference
   (torch._library.opaque_object), so a new batch needs no recompile.
@@ -24,6 +25,7 @@ count (Int8Linear), so each family has a few graphs, all compiled at engine star
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
 import torch.nn as nn
@@ -85,7 +87,8 @@ class GraphBatch:
 
 
 class DecodeGraphBatch:
-    """A step where every sequence decodes one token, attended inside the graph (no Python per layer).
+    """A step where every sequence runs Q new tokens after its cached context (Q = 1: decoding; 1 + d: verifying
+    d drafts), attended inside the graph (no Python per layer).
 
     Written as elementwise products and sums over cache rows indexed by slot, not as gather + SDPA: inductor
     fuses the indexing into its loops, so each layer reads every cached key and value once, in place, into
@@ -95,9 +98,10 @@ class DecodeGraphBatch:
     writes the cache; it returns every layer's new keys and values for the runner to write after the step (an
     in-graph write would be a mutation of a graph input)."""
 
-    def __init__(self, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor):
+    def __init__(self, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, causal: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor):
         self.positions, self.slots, self.mask, self.k_cache, self.v_cache = positions, slots, mask, k_cache, v_cache
+        self.causal = causal  # (Q, Q): new token i sees new tokens j <= i; its static shape fixes Q per graph
         self.new_k: list[torch.Tensor] = []
         self.new_v: list[torch.Tensor] = []
 
@@ -107,6 +111,8 @@ class DecodeGraphBatch:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         self.new_k.append(k)
         self.new_v.append(v)
+        if self.causal.shape[0] > 1:
+            return self._attend_queries(q, k, v, layer)
         B = self.slots.shape[0]
         hkv, d = k.shape[1], k.shape[2]
         # The H / Hkv query heads sharing a kv head (r of them) are read against that head's keys once.
@@ -122,18 +128,42 @@ class DecodeGraphBatch:
         o = (p[:, :-1] * values).sum(1) + p[:, -1] * v.view(B, hkv, 1, d).float()    # (B, Hkv, r, D)
         return o.reshape(B, -1, d).to(q.dtype)
 
+    def _attend_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        """attend for Q > 1 new tokens per sequence: the same sums with a query axis, the new tokens' keys
+        masked causally. (Kept apart from Q = 1, whose loops inductor was tuned on.)"""
+        B, Q = self.slots.shape[0], self.causal.shape[0]
+        hkv, d = k.shape[1], k.shape[2]
+        qg = q.view(B, Q, 1, hkv, -1, d).float() * d ** -0.5                         # (B, Q, 1, Hkv, r, D)
+        qg = torch.as_strided(qg, qg.shape, qg.stride())
+        keys = self.k_cache[layer][self.slots].float()[:, None, :, :, None]           # (B, 1, L, Hkv, 1, D)
+        old = (qg * keys).sum(-1).masked_fill(~self.mask[:, None, :, None, None], float("-inf"))  # (B, Q, L, Hkv, r)
+        new = (qg * k.view(B, 1, Q, hkv, 1, d).float()).sum(-1)                       # (B, Q, Q, Hkv, r)
+        new = new.masked_fill(~self.causal[None, :, :, None, None], float("-inf"))
+        p = torch.softmax(torch.cat([old, new], 2), 2).unsqueeze(-1)
+        values = self.v_cache[layer][self.slots].float()[:, None, :, :, None]
+        # Sliced from the end by the static Q: a slice by L (a symbolic size) would specialise the graph on it.
+        o = (p[:, :, :-Q] * values).sum(2) + (p[:, :, -Q:] * v.view(B, 1, Q, hkv, 1, d).float()).sum(2)
+        return o.reshape(B * Q, -1, d).to(q.dtype)                                   # (B * Q, H, D)
+
 
 class DecodeForward(nn.Module):
-    """Transformer.forward over a decode-only step -> (logits, new keys, new values), (layers, B, Hkv, D) each."""
+    """Transformer.forward (or logits_and_draft_states, when drafting with `heads` heads) over a step of Q new
+    tokens per sequence -> (logits, draft states or None, new keys, new values), keys and values
+    (layers, B * Q, Hkv, D). Logits (and states) at every new token: a verify step needs them all, and a
+    prompt of Q tokens, which needs only its last, then runs the verify step's graph (Q extra vocab rows for a
+    prompt of at most 1 + drafts tokens, rather than graphs of their own)."""
 
     def __init__(self, model: Transformer):
         super().__init__()
         self.model = model
 
-    def forward(self, ids, positions, rows, slots, mask, k_cache, v_cache):
-        batch = DecodeGraphBatch(positions, slots, mask, k_cache, v_cache)
-        logits = self.model(ids, batch, rows=rows)
-        return logits, torch.stack(batch.new_k), torch.stack(batch.new_v)
+    def forward(self, ids, positions, slots, mask, causal, k_cache, v_cache, heads: int):
+        batch = DecodeGraphBatch(positions, slots, mask, causal, k_cache, v_cache)
+        if heads:
+            logits, states = self.model.logits_and_draft_states(ids, batch, None, heads)
+        else:
+            logits, states = self.model(ids, batch), None
+        return logits, states, torch.stack(batch.new_k), torch.stack(batch.new_v)
 
 
 class StepForward(nn.Module):
@@ -151,13 +181,27 @@ class StepForward(nn.Module):
         return self.model(ids, batch, rows=rows)
 
 
-def why_not(cfg: ServeConfig, num_speculative: int) -> str | None:
+def why_not(cfg: ServeConfig) -> str | None:
     """Why serving cannot compile with this configuration, or None when it can."""
     if not available():
         return f"torch {torch.__version__} lacks opaque objects for custom ops (torch >= 2.10 has them)"
-    if num_speculative:
-        return "speculative decoding runs eagerly (its draft heads are not compiled yet)"
     return None
+
+
+def _own_code(module: nn.Module) -> nn.Module:
+    """Give the module's forward a code object of its own. Dynamo keeps compiled graphs on the code object, and
+    with the module guards dropped nothing tells two models of one class apart: a second compiled engine in a
+    process would run the first one's frozen weights."""
+    f = type(module).forward
+    own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    module.forward = types.MethodType(own, module)
+    return module
+
+
+def _no_duck_shapes():
+    """Dynamic sizes that happen to be equal when a graph compiles (a 2-token verify step beside a 2-key
+    context) would otherwise share one symbol, and the graph would recompile the first time they differ."""
+    return torch.fx.experimental._config.patch(use_duck_shape=False)
 
 
 class CompiledStep:
@@ -167,15 +211,15 @@ class CompiledStep:
     its template read the weights ~2x faster than torch._weight_int8pack_mm here; only the one-token graph,
     see below). A graph compiles at the first call of each shape class: one token; one sequence of several;
     several sequences (token and row counts marked dynamic, so any count of two or more shares a graph); and
-    for `decode`, one sequence or several."""
+    for `decode`, one sequence or several, per count of new tokens per sequence."""
 
     def __init__(self, model: Transformer, autotune: bool = True):
         # The engine owns the model and never changes it once compiled, so the guards that re-check every module
         # attribute before each call (~0.7 ms a step for this model) are dropped; input and shape guards stay.
         skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
         opts = {"guard_filter_fn": skip} if skip else {}
-        self.general = torch.compile(StepForward(model), options=opts)
-        self.decoder = torch.compile(DecodeForward(model), options=opts)
+        self.general = torch.compile(_own_code(StepForward(model)), options=opts)
+        self.decoder = torch.compile(_own_code(DecodeForward(model)), options=opts)
         # Freezing is read from inductor's global config as a graph compiles (compile options do not reach it),
         # so it is on around each call only. The FX graph cache is off: with frozen weights it would pickle every
         # weight to disk per graph.
@@ -185,22 +229,28 @@ class CompiledStep:
         # on 2-row decode steps ran 16-row ones 2x slower. So only the one-token decode graph is autotuned: its
         # row count is fixed, and its matmuls, bound by reading the weights, gain most (1.5-2x here).
         self.decode_options = dict(self.options, max_autotune_gemm=autotune, autotune_num_choices_displayed=0)
+        self._causal: dict[int, torch.Tensor] = {}
 
     def __call__(self, ids, positions, rows, ref: StepRef, heads: int):
         """StepForward's forward: any step, attention by the eager custom op."""
         self._dynamic(ids, positions, rows)
-        with torch._inductor.config.patch(**self.options):
+        with torch._inductor.config.patch(**self.options), _no_duck_shapes():
             return self.general(ids, positions, rows, ref, heads)
 
-    def decode(self, ids, positions, rows, slots, mask, k_cache, v_cache):
-        """DecodeForward's forward: a step of one new token per sequence (paged.decode_inputs), attention in
-        the graph. Returns (logits, new keys, new values); the caller writes the keys and values."""
-        self._dynamic(ids, positions, rows, slots, mask)
+    def decode(self, ids, positions, slots, mask, k_cache, v_cache, heads: int = 0):
+        """DecodeForward's forward: a step of Q new tokens per sequence (paged.decode_inputs), attention in
+        the graph. Returns (logits, draft states or None, new keys, new values), all at every new token; the
+        caller writes the keys and values."""
+        q = ids.shape[0] // slots.shape[0]
+        causal = self._causal.get(q)
+        if causal is None:
+            causal = self._causal[q] = torch.ones(q, q, dtype=torch.bool, device=ids.device).tril()
+        self._dynamic(ids, positions, slots, mask)
         torch._dynamo.maybe_mark_dynamic(slots, 1)
         torch._dynamo.maybe_mark_dynamic(mask, 1)
         options = self.decode_options if ids.shape[0] == 1 else self.options
-        with torch._inductor.config.patch(**options):
-            return self.decoder(ids, positions, rows, slots, mask, k_cache, v_cache)
+        with torch._inductor.config.patch(**options), _no_duck_shapes():
+            return self.decoder(ids, positions, slots, mask, causal, k_cache, v_cache, heads)
 
     @staticmethod
     def _dynamic(*tensors):

@@ -56,18 +56,32 @@ class Completion:
     error: str | None = None           # why, when finish_reason is "error"
 
 
-def warmup_prompts(int8_max_rows: int | None, max_num_seqs: int) -> list[list[list[int]]]:
-    """Batches of prompts whose prefill and decode steps meet every graph a compiled forward has: one token
-    (each decode below), one sequence of several, several sequences; with int8 weights each of the last two on
-    both sides of the row count up to which the int8 kernel runs (the model branches on it)."""
-    lengths = [[5], [6, 7]]
-    c = int8_max_rows
+def warmup_prompts(int8_max_rows: int | None, max_num_seqs: int, num_speculative: int = 0,
+                   ) -> list[list[list[int]]]:
+    """Batches of prompts whose prefill and decode steps (2 tokens each) meet every graph a compiled forward
+    has. The general graph: one token, one sequence of several, several sequences. The decode graph: one
+    sequence or several, per count of new tokens per sequence (1, and with drafts up to 1 + drafts: a prompt
+    that short prefills in the graph its verify steps run). With int8 weights, each on both sides of the row
+    count c up to which the int8 kernel runs (the model branches on it)."""
+    k, c = num_speculative, int8_max_rows
+    q = k + 2  # the shortest prompt the general graph prefills alone
+    lengths = [[q + 3], [q + 4, q + 5]]
+    for n in range(2, k + 2):
+        lengths += [[n], [n, n]]
     if c:
-        lengths += [[c + 1], [c, 1]]                      # one sequence past c; several past c
+        lengths += [[max(c + 1, q)]]                      # general: one sequence past c
+        if q <= c:
+            lengths += [[q]]                              # ... and within c
         if c >= 2:
-            lengths += [[2], [1, 1]]                      # one sequence of 2..c; several within c
+            lengths += [[max(c, q), 1]]                   # several sequences, tokens past c, rows within
+        if c >= 3:
+            lengths += [[1, 2]]                           # several within c
         if c < max_num_seqs:
-            lengths += [[1] * (c + 1)]                    # past c logits rows: c + 1 sequences decoding
+            lengths += [[q] * (c + 1)]                    # rows past c; its decode step: c + 1 sequences
+        for n in range(2, k + 2):
+            b = c // n + 1                                # decode graph of n tokens a sequence, past c
+            if 2 <= b <= max_num_seqs:
+                lengths += [[n] * b]
     # Every prompt its own token: none may find another's blocks in the prefix cache and prefill less.
     token = iter(range(1, 10 ** 6))
     return [[[next(token)] * n for n in batch] for batch in lengths]
@@ -80,7 +94,7 @@ class Engine:
         # the KV cache below, sized and typed from the parameters, follows. Logits stay float32 (runner.run).
         model.fuse_projections_()  # one matmul for q/k/v and one for gate/up: fewer calls per step
         self.num_speculative = num_drafts_per_step(cfg, model.cfg.mtp_heads)  # 0 = ordinary decoding
-        no_compile = compiled.why_not(cfg, self.num_speculative) if cfg.compile else "not asked for"
+        no_compile = compiled.why_not(cfg) if cfg.compile else "not asked for"
         if cfg.compile and no_compile:
             log.warning("--compile ignored: %s; serving eagerly", no_compile)
         # A compiled forward gets plain weights: inductor freezes and prepacks them itself.
@@ -117,7 +131,7 @@ class Engine:
         t0 = time.perf_counter()
         params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
         try:
-            for prompts in warmup_prompts(int8_rows(self.model), self.cfg.max_num_seqs):
+            for prompts in warmup_prompts(int8_rows(self.model), self.cfg.max_num_seqs, self.num_speculative):
                 self.generate(prompts, params)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path still serves
             log.warning("torch.compile failed (%s: %s); serving eagerly", type(e).__name__, str(e)[:300])

@@ -111,13 +111,15 @@ class ModelRunner:
         ends = np.cumsum([n for _, n in scheduled])
         rows = np.repeat(ends - np.cumsum(counts), counts) + np.arange(int(counts.sum()))
         rows_t = torch.from_numpy(rows).to(self.device)
-        decode = paged.decode_inputs(batch) if self.step_fn is not None and not self.heads else None
+        # Decoding, or verifying the same number of drafts in every sequence: the graph of in-place attention.
+        decode = paged.decode_inputs(batch, 1 + self.heads) if self.step_fn is not None else None
         if decode is not None:
-            base, keys, values = self.step_fn.decode(ids, batch.positions, rows_t, *decode, self.k_cache,
-                                                     self.v_cache)
+            base, states, keys, values = self.step_fn.decode(ids, batch.positions, *decode, self.k_cache,
+                                                             self.v_cache, self.heads)
             self.k_cache.index_copy_(1, batch.slot_mapping, keys.to(self.dtype))
             self.v_cache.index_copy_(1, batch.slot_mapping, values.to(self.dtype))
-            states = None
+            if len(rows) < len(ids):  # a short prompt's prefill: its last token's row
+                base, states = base[rows_t], None if states is None else states[rows_t]
         elif self.step_fn is not None:
             out = self.step_fn(ids, batch.positions, rows_t, StepRef(batch), self.heads)
             base, states = out if self.heads else (out, None)

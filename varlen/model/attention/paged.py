@@ -154,21 +154,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBat
     return out
 
 
-def decode_inputs(batch: PagedBatch, min_keys: int = 2) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """What a compiled decode step attends with, when every sequence of the step decodes one token and, padded
-    to the longest, their contexts hold at most DECODE_PADDING keys per real one; else None.
+def decode_inputs(batch: PagedBatch, max_query: int = 1, min_keys: int = 2,
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What a compiled decode step attends with, when every sequence of the step runs the same number Q <=
+    max_query of new tokens (1 for decoding; 1 + drafts when verifying speculative drafts) and, padded to the
+    longest, their contexts hold at most DECODE_PADDING keys per real one; else None.
 
     (slots, mask): slots (B, L) are the cache slots of each sequence's earlier tokens, L = the longest such
     context (at least `min_keys`: a compiler specialises a length of 1), padding reading the sequence's first
-    slot, which mask (B, L) marks False. The new token's own key is not in the cache yet (the caller writes it
-    after the step) and always attended. A one-token prompt has no cached token: its row is all padding."""
+    slot, which mask (B, L) marks False. The new tokens' own keys are not in the cache yet (the caller writes
+    them after the step) and are attended causally among themselves. A prompt of Q tokens has no cached token:
+    its row is all padding."""
     seqlens, ctxs = batch.seqlens, batch.context_lens
-    if any(n != 1 for n in seqlens) or len(ctxs) * max(ctxs) > DECODE_PADDING * sum(ctxs):
+    q = seqlens[0]
+    if not 1 <= q <= max_query or any(n != q for n in seqlens) or len(ctxs) * max(ctxs) > DECODE_PADDING * sum(ctxs):
         return None
     device = batch.context_slots.device
-    before = torch.tensor(ctxs, device=device)[:, None] - 1                    # (B, 1) cached tokens
+    before = torch.tensor(ctxs, device=device)[:, None] - q                    # (B, 1) cached tokens
     start = torch.cumsum(torch.tensor([0] + ctxs[:-1], device=device), 0)[:, None]
-    L = max(min_keys, max(ctxs) - 1)
+    L = max(min_keys, max(ctxs) - q)
     ar = torch.arange(L, device=device)[None, :]
     valid = ar < before
     slots = batch.context_slots[torch.where(valid, start + ar, start)]
