@@ -41,7 +41,8 @@ def build_prompts(tok, n: int, prompt_tokens: int, seed: int) -> list[list[int]]
 
 def run(model, tok, prompts: list[list[int]], args, batch: int, speculative: bool) -> dict:
     cfg = ServeConfig(max_num_seqs=batch, kv_cache_gib=args.kv_cache_gib, speculative=speculative,
-                      dtype=args.dtype, quantization=args.quantization,
+                      dtype=args.dtype, quantization=args.quantization, compile=args.compile,
+                      adaptive_drafts=not args.fixed_drafts,
                       num_speculative=args.num_speculative if speculative else 0,
                       speculative_max_batch=args.speculative_max_batch if speculative else 0,
                       max_model_len=args.prompt_tokens + 1 + args.max_tokens)
@@ -70,6 +71,7 @@ def run(model, tok, prompts: list[list[int]], args, batch: int, speculative: boo
            "outputs": [outputs[f"r{i}"] for i in range(len(prompts))]}
     if speculative:
         res.update({"num_speculative": eng.num_speculative, "verify_steps": verify_steps,
+                    "verify_costs": eng.verify_costs, "drafted_per_head": drafted,
                     "tokens_per_verify_step": emitted / max(verify_steps, 1),
                     "acceptance_per_head": [a / d if d else 0.0 for a, d in zip(accepted, drafted)]})
     return res
@@ -107,6 +109,9 @@ def main() -> int:
                     help="draft only while at most this many requests run (0 = always)")
     ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="serving dtype (as varlen serve)")
     ap.add_argument("--quantization", default="none", choices=QUANTIZATION_CHOICES)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the forward (as varlen serve --compile)")
+    ap.add_argument("--fixed-drafts", action="store_true",
+                    help="verify every draft (default: adaptive, as varlen serve; see speculate.draft_length)")
     ap.add_argument("--kv-cache-gib", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--seed", type=int, default=0)
@@ -145,6 +150,9 @@ def main() -> int:
               f"{spec['tokens_per_verify_step']:.2f} tokens/verify step, acceptance per head "
               + " ".join(f"{a:.2f}" for a in spec["acceptance_per_head"])
               + f"); x{row['speedup']:.2f}; outputs equal {same}/{len(prompts)}")
+        print("           step cost by new tokens (timed at start): "
+              + " / ".join(f"{c:.2f}" for c in spec["verify_costs"]) + "; drafts verified per head: "
+              + " ".join(str(d) for d in spec["drafted_per_head"]))
         print("           heads 1..j all right at every generated position (not only where a draft starts): "
               + " ".join(f"{a:.2f}" for a in agreement))
     out = {"machine": info, "model": args.model, "precision": precision,

@@ -55,6 +55,7 @@ def test_compiled_engine_equals_eager_and_compiles_only_at_start(model, tokenize
     comp.blocks.check([])  # every block back (the warm-up requests included)
 
 
+@pytest.mark.slow  # two compiles (~45 s)
 def test_two_compiled_engines_in_one_process_each_run_their_own_weights():
     # Graphs freeze their weights; two models of one class must not share them (dynamo caches per code object).
     from varlen.config import ModelConfig
@@ -88,7 +89,8 @@ def test_compile_falls_back_to_eager_with_a_reason(model, tokenizer, caplog, mon
     assert len(out.token_ids) == 3
 
 
-@pytest.mark.parametrize("cycle", ["block", pytest.param("mlp", marks=pytest.mark.slow)], indirect=True)
+# mlp heads in the default suite (cheaper to compile); block heads, whose cache layers the graphs also fill, slow.
+@pytest.mark.parametrize("cycle", [pytest.param("block", marks=pytest.mark.slow), "mlp"], indirect=True)
 def test_compiled_speculative_decoding_equals_ordinary_decoding(cycle):
     # Drafts verified through the compiled graphs give ordinary greedy decoding's tokens; a verify step of one
     # sequence (the batch-1 case) runs the decode graph of 1 + drafts new tokens, compiled before serving.

@@ -28,7 +28,7 @@ from varlen.serve.engine import Engine
 from varlen.serve.request import Request, SamplingParams, Status
 from varlen.serve.runner import kv_bytes_per_token
 from varlen.serve.scheduler import Scheduler
-from varlen.serve.speculate import SpecStats, accept, verify_greedy, verify_sampling
+from varlen.serve.speculate import SpecStats, accept, confidences, draft_length, verify_greedy, verify_sampling
 
 from .test_serve_blocks import ops, run_traffic
 
@@ -112,6 +112,8 @@ def cycle(request):
 
 def engine(model, tok, **kw):
     kw.setdefault("kv_cache_gib", 0.01)
+    # Every draft verified: the mechanism under test, independent of the costs an adaptive engine times.
+    kw.setdefault("adaptive_drafts", False)
     # Engines cast their model in place: float32 also keeps the module-scoped models float32 for every test.
     kw.setdefault("dtype", "float32")
     return Engine(model, tok, ServeConfig(**kw))
@@ -220,6 +222,60 @@ def test_greedy_speculative_equals_greedy_with_trained_heads(cycle, drafts):
     if drafts == "heads":  # the heads learned the cycle: most steps emit several tokens
         s = eng.spec_stats
         assert most == 4 and s.acceptance[0] > 0.8 and s.tokens_per_step > 2.5, (s.acceptance, s.tokens_per_step)
+
+
+def test_adaptive_drafts_keep_greedy_output_and_verify_only_drafts_that_pay(cycle):
+    tok = Letters()
+    reqs = busy_requests(CYCLE_V, seed=3)
+    want = ordinary(cycle, tok, reqs)
+    eng = engine(cycle, tok, speculative=True, adaptive_drafts=True)
+    c = eng.verify_costs  # timed at start: steps of 1 .. 4 new tokens, relative to 1
+    assert len(c) == 4 and c[0] == 1.0 and c == sorted(c), c
+    cases = [([1.0] * 4, lambda s: s.tokens_per_step > 2.5),                       # free drafts: all verified
+             ([1.0, 1.1, 50, 50], lambda s: s.drafted[0] > 20 and s.drafted[1] == 0),  # only the first pays
+             ([1.0, 50, 50, 50], lambda s: s.drafted[0] == 0)]                        # none pays
+    for costs, check in cases:
+        eng = engine(cycle, tok, speculative=True, adaptive_drafts=True)
+        eng.verify_costs = costs
+        assert run(eng, reqs)[0] == want
+        assert check(eng.spec_stats), (costs, eng.spec_stats)
+    # A seeded request drafts every step regardless: its tokens must not depend on timed costs.
+    params = SamplingParams(max_tokens=15, temperature=1.0, seed=7, ignore_eos=True)
+    eng.generate([prompts(1, CYCLE_V, seed=5)[0]], params)
+    assert eng.spec_stats.drafted[2] > 0
+
+
+def test_draft_length_examples():
+    assert draft_length([0.9, 0.8, 0.7], [1.0, 1.0, 1.0, 1.0]) == 3
+    assert draft_length([0.3, 0.15, 0.1], [1.0, 2.2, 2.4, 2.6]) == 0       # 2026-12-03's tiny model in bf16
+    assert draft_length([0.9, 0.2, 0.9], [1.0, 1.1, 1.3, 1.5]) == 1         # a doubtful second head ends the run
+    assert draft_length([0.9, 0.9], [1.0, 1.05]) == 1                       # fewer costs than drafts: as far as known
+    assert draft_length([], [1.0]) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=0, max_size=5),
+       st.lists(st.floats(0, 3), min_size=5, max_size=5))
+def test_draft_length_maximizes_expected_tokens_per_unit_cost(conf, steps):
+    costs = [1.0]
+    for s in steps:
+        costs.append(costs[-1] + s)
+    d = draft_length(conf, costs)
+
+    def rate(e):
+        expected = 1 + sum(math.prod(conf[:i]) for i in range(1, e + 1))
+        return expected / costs[e]
+    rates = [rate(e) for e in range(len(conf) + 1)]
+    assert 0 <= d <= len(conf)
+    assert rates[d] >= max(rates) * (1 - 1e-9)
+    assert all(rates[e] <= rates[d] * (1 + 1e-9) for e in range(d))     # no shorter run as good (ties: fewer)
+
+
+def test_confidences_come_from_the_head_distributions_not_the_drafts():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert confidences(logits, None) == pytest.approx([math.exp(2) / (math.exp(2) + 2), 1 / 3])
+    q = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    assert confidences(logits, q) == pytest.approx([0.5, 0.8])  # whatever was drawn from q
 
 
 def test_speculative_in_the_auto_dtype_agrees_with_ordinary_decoding_and_frees_blocks(cycle):

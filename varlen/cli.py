@@ -140,7 +140,7 @@ def _sample_speculative(model, tok, prompt_ids: list[int], args: argparse.Namesp
     if args.max_new_tokens < 1:
         return []
     engine = Engine(model, tok, ServeConfig(max_num_seqs=1, speculative=True, num_speculative=args.num_speculative,
-                                            dtype=args.dtype))
+                                            adaptive_drafts=not args.fixed_drafts, dtype=args.dtype))
     room = engine.max_model_len - len(prompt_ids)
     if room < 1:
         raise ConfigError(f"the prompt ({len(prompt_ids)} tokens) fills the model's {engine.max_model_len}-token "
@@ -202,13 +202,14 @@ def _serve_config(args: argparse.Namespace):
                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                       max_waiting=args.max_waiting, speculative=args.speculative,
                       num_speculative=args.num_speculative, speculative_max_batch=args.speculative_max_batch,
-                      dtype=args.dtype, quantization=args.quantization, compile=args.compile,
-                      autotune=not args.no_autotune)
+                      adaptive_drafts=not args.fixed_drafts, dtype=args.dtype, quantization=args.quantization,
+                      compile=args.compile, autotune=not args.no_autotune)
     checks = [(cfg.block_size >= 1, "--block-size must be at least 1"),
               (cfg.num_speculative >= 0, "--num-speculative must be 0 (one draft per MTP head) or positive"),
               (cfg.speculative or not cfg.num_speculative, "--num-speculative needs --speculative"),
               (cfg.speculative_max_batch >= 0, "--speculative-max-batch must be 0 (always draft) or positive"),
               (cfg.speculative or not cfg.speculative_max_batch, "--speculative-max-batch needs --speculative"),
+              (cfg.speculative or cfg.adaptive_drafts, "--fixed-drafts needs --speculative"),
               (cfg.kv_cache_gib > 0, "--kv-cache-gib must be positive"),
               (cfg.max_num_seqs >= 1, "--max-num-seqs must be at least 1"),
               (cfg.max_num_batched_tokens >= 1, "--max-num-batched-tokens must be at least 1"),
@@ -369,6 +370,9 @@ def speculative_options(sp: argparse.ArgumentParser) -> None:
                     "verify them in the next forward (same output, fewer forwards)")
     sp.add_argument("--num-speculative", type=int, default=0, metavar="K",
                     help="drafts per step with --speculative (default 0: one per MTP head)")
+    sp.add_argument("--fixed-drafts", action="store_true",
+                    help="verify all K drafts every step (default: per step only as many as the heads' confidence "
+                         "and the verify-step costs measured at start-up say pay)")
 
 
 def dtype_option(sp: argparse.ArgumentParser) -> None:

@@ -121,6 +121,7 @@ class ServeConfig:
     speculative: bool = False           # draft tokens with the model's MTP heads, verify them in the next step
     num_speculative: int = 0            # drafts per step (<= the model's mtp_heads); 0 = one per head
     speculative_max_batch: int = 0      # draft only while at most this many requests run; 0 = always
+    adaptive_drafts: bool = True        # per step, draft only as many as the heads' confidence says pay (speculate.py)
     dtype: str = "auto"                 # weights and KV cache: auto (bf16 where it runs faster) | float32 | bfloat16
     quantization: str = "none"          # none | int8 (weight-only)
     compile: bool = False               # torch.compile the forward (inductor): minutes of compiling at start-up

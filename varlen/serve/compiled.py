@@ -181,6 +181,18 @@ class StepForward(nn.Module):
         return self.model(ids, batch, rows=rows)
 
 
+class DraftForward(nn.Module):
+    """Transformer.draft_logits: the MTP heads' logits at the rows requests draft from (eagerly, its few small
+    ops cost more than a whole compiled decode step of a small model)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, states: torch.Tensor, heads: int) -> torch.Tensor:
+        return self.model.draft_logits(states, heads)
+
+
 def why_not(cfg: ServeConfig) -> str | None:
     """Why serving cannot compile with this configuration, or None when it can."""
     if not available():
@@ -208,8 +220,8 @@ class CompiledStep:
     """The compiled forward of a serving step. Weights are frozen into the graphs (serving never changes them),
     which lets inductor prepack them; with `autotune`, inductor also times its own C++ GEMM templates against
     the library kernels per weight shape at compile time and keeps the faster (for int8 weights at a few rows
-    its template read the weights ~2x faster than torch._weight_int8pack_mm here; only the one-token graph,
-    see below). A graph compiles at the first call of each shape class: one token; one sequence of several;
+    its template read the weights ~2x faster than torch._weight_int8pack_mm here; only the decode graphs of one
+    sequence, see below). A graph compiles at the first call of each shape class: one token; one sequence of several;
     several sequences (token and row counts marked dynamic, so any count of two or more shares a graph); and
     for `decode`, one sequence or several, per count of new tokens per sequence."""
 
@@ -220,14 +232,17 @@ class CompiledStep:
         opts = {"guard_filter_fn": skip} if skip else {}
         self.general = torch.compile(_own_code(StepForward(model)), options=opts)
         self.decoder = torch.compile(_own_code(DecodeForward(model)), options=opts)
+        self.drafter = torch.compile(_own_code(DraftForward(model)), options=opts)
         # Freezing is read from inductor's global config as a graph compiles (compile options do not reach it),
         # so it is on around each call only. The FX graph cache is off: with frozen weights it would pickle every
         # weight to disk per graph.
         self.options = dict(freezing=True, fx_graph_cache=False)
         # Autotuning times each GEMM at one row count per graph, and a graph of dynamic row counts runs what won
         # there at every count: a template tuned on a 512-token prefill ran 1.3x slower than oneDNN, one tuned
-        # on 2-row decode steps ran 16-row ones 2x slower. So only the one-token decode graph is autotuned: its
-        # row count is fixed, and its matmuls, bound by reading the weights, gain most (1.5-2x here).
+        # on 2-row decode steps ran 16-row ones 2x slower. So only the decode graphs of one sequence are
+        # autotuned (one token, or a verify step's 1 + d): their row counts are fixed, and their matmuls, bound by
+        # reading the weights, gain most (1.5-2x here; a tiny model's 2-token verify step fell from 1.87x to 1.30x
+        # the cost of a one-token step).
         self.decode_options = dict(self.options, max_autotune_gemm=autotune, autotune_num_choices_displayed=0)
         self._causal: dict[int, torch.Tensor] = {}
 
@@ -248,9 +263,15 @@ class CompiledStep:
         self._dynamic(ids, positions, slots, mask)
         torch._dynamo.maybe_mark_dynamic(slots, 1)
         torch._dynamo.maybe_mark_dynamic(mask, 1)
-        options = self.decode_options if ids.shape[0] == 1 else self.options
+        options = self.decode_options if slots.shape[0] == 1 else self.options  # one sequence: fixed shapes
         with torch._inductor.config.patch(**options), _no_duck_shapes():
             return self.decoder(ids, positions, slots, mask, causal, k_cache, v_cache, heads)
+
+    def drafts(self, states: torch.Tensor, heads: int) -> torch.Tensor:
+        """DraftForward's forward: (n, S, dim) draft states -> (n, heads, vocab) logits."""
+        self._dynamic(states)
+        with torch._inductor.config.patch(**self.options), _no_duck_shapes():
+            return self.drafter(states, heads)
 
     @staticmethod
     def _dynamic(*tensors):

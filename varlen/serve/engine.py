@@ -28,7 +28,7 @@ from .request import Request, RequestError, SamplingParams
 from .runner import ModelRunner, SeqLogits, num_blocks_for
 from .sampler import SamplingFailed, logprob_entry, process, sample
 from .scheduler import Scheduler
-from .speculate import SpecStats, accept, draft, num_drafts_per_step
+from .speculate import SpecStats, accept, confidences, draft, draft_length, num_drafts_per_step
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,10 @@ class Engine:
         self._guides = None  # structured.GuideFactory, built at the first request with a grammar (~1 s)
         if self.runner.step_fn is not None:
             self._compile_now()
+        # Relative cost of a step of 1 + d new tokens, for adaptive drafting (_draft); flat = keep every draft.
+        self.verify_costs = [1.0] * (self.num_speculative + 1)
+        if self.num_speculative and cfg.adaptive_drafts:
+            self.verify_costs = self._measure_verify_costs()
 
     def _compile_now(self) -> None:
         """Compile every graph serving needs before the first request rather than during it (see
@@ -143,6 +147,26 @@ class Engine:
                 self.abort(req_id)
             return
         log.info("compiled in %.0f s", time.perf_counter() - t0)
+
+    def _measure_verify_costs(self, repeats: int = 5) -> list[float]:
+        """Time one sequence's forward of q = 1 .. 1 + drafts new tokens (a q-token prompt: the graph and
+        kernels a verify step of q - 1 drafts runs) -> each relative to q = 1, the fastest of `repeats`, made
+        non-decreasing (a step with more tokens never costs less; a faster reading is noise)."""
+        token = iter(range(1, 10 ** 6))
+        params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        best = []
+        for q in range(1, self.num_speculative + 2):
+            times = []
+            for _ in range(repeats):
+                prompt = [next(token) % self.model.cfg.vocab_size] * q  # its own tokens: no prefix-cache hit
+                t0 = time.perf_counter()
+                self.generate([prompt], params)
+                times.append(time.perf_counter() - t0)
+            best.append(min(times))
+        costs = [max(best[:i + 1]) / best[0] for i in range(len(best))]
+        log.info("speculative: a step of 1 + d new tokens costs %s x one of 1 (d = 0 ..); drafts are cut to "
+                 "what the heads' confidence says pays", " / ".join(f"{c:.2f}" for c in costs))
+        return costs
 
     # ------------------------------------------------------------------ requests
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -305,8 +329,14 @@ class Engine:
         has already cleared the last drafts)."""
         limit = min(self.num_speculative, req.params.max_tokens - len(req.output_ids) - 1,
                     self.max_model_len - req.num_tokens - 1)
-        if limit > 0:
-            req.draft_ids, req.draft_probs = draft(head_rows[:limit], req.params, req.generator)
+        if limit <= 0:
+            return
+        ids, q = draft(head_rows[:limit], req.params, req.generator)
+        # A seeded request drafts all it may: its tokens must not depend on costs timed at this start-up.
+        if self.cfg.adaptive_drafts and req.params.seed is None:
+            d = draft_length(confidences(head_rows[:limit], q), self.verify_costs)
+            ids, q = ids[:d], None if q is None else q[:d]
+        req.draft_ids, req.draft_probs = ids, q
 
     def _new_text(self, req: Request, final: bool) -> str:
         """Text not yet streamed, holding back a possible stop-string start (the decode stream already holds

@@ -136,4 +136,6 @@ class ModelRunner:
     def draft_logits(self, states: torch.Tensor) -> torch.Tensor:
         """(n, S, dim) rows of SeqLogits.draft_states -> (n, heads, vocab) logits, float32 on CPU: one call for
         all the rows the step's requests draft from."""
+        if self.step_fn is not None:
+            return self.step_fn.drafts(states, self.heads).float().cpu()
         return self.model.draft_logits(states, self.heads).float().cpu()

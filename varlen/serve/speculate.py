@@ -42,6 +42,30 @@ def draft(head_logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return torch.multinomial(q, 1, generator=generator)[:, 0].tolist(), q
 
 
+def confidences(head_logits: torch.Tensor, q: torch.Tensor | None) -> list[float]:
+    """Each head's largest probability (of its logits when greedy; of q, the distribution its draft was drawn
+    from, when sampling): its estimate that its draft is what the model produces. A function of the heads'
+    distributions only, never of the sampled drafts: cutting drafts by their own sampled values would skew
+    which drafts are verified, and rejection sampling would no longer give the model's distribution."""
+    return (torch.softmax(head_logits.float(), -1) if q is None else q).amax(-1).tolist()
+
+
+def draft_length(conf: list[float], costs: list[float]) -> int:
+    """How many of the drafts to verify: the d in 0..len(conf) that maximizes expected tokens per unit of step
+    cost, (1 + sum over i <= d of conf[0] * ... * conf[i - 1]) / costs[d], where costs[d] is the measured cost of
+    a step of 1 + d new tokens relative to costs[0] (an ordinary decode step). Ties go to fewer drafts. A
+    verify step that costs as much as an ordinary one keeps every draft; drafts the heads doubt, on a machine
+    where each extra row costs, are dropped: speculation never runs slower than it expects decoding to."""
+    best, best_rate, expected, p = 0, 1.0 / costs[0], 1.0, 1.0
+    for d in range(1, min(len(conf), len(costs) - 1) + 1):
+        p *= conf[d - 1]
+        expected += p
+        rate = expected / costs[d]
+        if rate > best_rate * (1 + 1e-9):
+            best, best_rate = d, rate
+    return best
+
+
 def verify_greedy(base_rows: torch.Tensor, drafts: list[int]) -> list[int]:
     """base_rows (d + 1, vocab): the model's logits at the last token and at each draft -> the drafts that
     match the argmax of the row before them, then the argmax of the first mismatching row (or of the row
