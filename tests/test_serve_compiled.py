@@ -24,7 +24,7 @@ def prompts(n, seed=0):
             for _ in range(n)]
 
 
-@pytest.mark.parametrize("quantization", ["none", "int8"])
+@pytest.mark.parametrize("quantization", ["none", pytest.param("int8", marks=pytest.mark.slow)])  # int8: ~55 s
 def test_compiled_engine_equals_eager_and_compiles_only_at_start(model, tokenizer, quantization, monkeypatch):
     if quantization == "int8":
         # A crossover fixed rather than timed, so both engines branch alike and the test is the same every run.
