@@ -55,7 +55,8 @@ def draft_length(conf: list[float], costs: list[float]) -> int:
     cost, (1 + sum over i <= d of conf[0] * ... * conf[i - 1]) / costs[d], where costs[d] is the measured cost of
     a step of 1 + d new tokens relative to costs[0] (an ordinary decode step). Ties go to fewer drafts. A
     verify step that costs as much as an ordinary one keeps every draft; drafts the heads doubt, on a machine
-    where each extra row costs, are dropped: speculation never runs slower than it expects decoding to."""
+    where each extra row costs, are dropped. What drafting itself costs every step (the heads, their logits) is
+    not counted: d = 0 is a speculative engine's own step, which can be slower than a plain engine's."""
     best, best_rate, expected, p = 0, 1.0 / costs[0], 1.0, 1.0
     for d in range(1, min(len(conf), len(costs) - 1) + 1):
         p *= conf[d - 1]
